@@ -1,0 +1,113 @@
+"""With no ``eot_attention`` in the config, "eot" is the model's own softmax: same outputs as "sdpa" and
+"eager" for BERT, T5 (encoder, causal decoder, cross-attention, generate with the KV cache) and ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import hf_eot
+from hf_eot.integration.attention import eot_attention_forward, eot_mask
+
+from .models import build, padded_tokens
+
+ATOL = 1e-5
+
+
+def test_registration_is_idempotent_and_complete() -> None:
+    """Both the attention function and the mask function are registered under "eot"."""
+    hf_eot.register()
+    hf_eot.register()
+    assert AttentionInterface._global_mapping["eot"] is eot_attention_forward
+    assert AttentionMaskInterface._global_mapping["eot"] is eot_mask
+
+
+def _outputs(kind: str, impl: str, output_attentions: bool = False):
+    reference = build(kind, "sdpa")
+    model = build(kind, impl, reference.state_dict())
+    ids, mask = padded_tokens()
+    with torch.no_grad():
+        if kind == "bert":
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=output_attentions)
+            return out.last_hidden_state * mask[..., None], out
+        if kind == "t5":
+            dec = ids[:, :5].clone()
+            dec[:, 0] = 0
+            out = model(
+                input_ids=ids, attention_mask=mask, decoder_input_ids=dec, output_attentions=output_attentions
+            )
+            return out.logits, out
+        pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+        out = model(pixel_values=pixels, output_attentions=output_attentions)
+        return out.logits, out
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "vit"])
+@pytest.mark.parametrize("impl", ["eager", "eot"])
+def test_unconfigured_eot_matches_sdpa(kind: str, impl: str) -> None:
+    """"eot" (fused path) and "eager" agree with "sdpa" to float32 round-off on the real tokens."""
+    expected, _ = _outputs(kind, "sdpa")
+    actual, _ = _outputs(kind, impl)
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "vit"])
+def test_output_attentions_returns_the_weights_used(kind: str) -> None:
+    """With output_attentions, "eot" computes the weights itself: outputs still match "sdpa", the weights
+    match "eager", rows sum to one and padded keys get zero weight."""
+    expected, _ = _outputs(kind, "sdpa")
+    actual, out = _outputs(kind, "eot", output_attentions=True)
+    _, eager = _outputs(kind, "eager", output_attentions=True)
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
+    groups = ["attentions"] if kind != "t5" else ["encoder_attentions", "decoder_attentions", "cross_attentions"]
+    for group in groups:
+        for ours, theirs in zip(getattr(out, group), getattr(eager, group), strict=True):
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(ours.sum(-1), torch.ones_like(ours.sum(-1)), atol=1e-5, rtol=0)
+    if kind == "bert":
+        _, mask = padded_tokens()
+        for weights in out.attentions:
+            assert torch.all(weights.masked_select(mask[:, None, None, :] == 0) == 0)
+
+
+def test_t5_generate_with_cache_matches_sdpa() -> None:
+    """Greedy generate with the KV cache gives the same tokens and scores under "eot" and "sdpa",
+    for the fused path and for the explicit (output_attentions) path."""
+    reference = build("t5", "sdpa")
+    model = build("t5", "eot", reference.state_dict())
+    ids, mask = padded_tokens()
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = reference.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        actual = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        explicit = model.generate(input_ids=ids, attention_mask=mask, output_attentions=True, **kwargs)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert torch.equal(explicit.sequences, expected.sequences)
+    for ours, theirs in zip(explicit.scores, expected.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_set_attn_implementation_on_a_loaded_model() -> None:
+    """A model loaded with "sdpa" switches to "eot" with set_attn_implementation and keeps its outputs."""
+    model = build("bert", "sdpa")
+    ids, mask = padded_tokens()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        model.set_attn_implementation("eot")
+        assert model.config._attn_implementation == "eot"
+        actual = model(input_ids=ids, attention_mask=mask, output_attentions=True).last_hidden_state
+    torch.testing.assert_close(actual * mask[..., None], expected * mask[..., None], atol=ATOL, rtol=1e-5)
+
+
+def test_fully_masked_sequence_gives_no_nan() -> None:
+    """A sequence whose attention mask is all zeros yields finite outputs for every regularizer."""
+    ids, mask = padded_tokens()
+    mask[0] = 0
+    for name in hf_eot.available_regularizers():
+        model = build("bert", "eot", configure=lambda c, n=name: hf_eot.configure(c, n))
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        assert torch.isfinite(out.last_hidden_state).all(), name
+        assert all(torch.isfinite(w).all() for w in out.attentions), name
