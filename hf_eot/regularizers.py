@@ -251,10 +251,11 @@ register_regularizer(
 
 
 def _ot(
-    logits: torch.Tensor,
+    scores: torch.Tensor,
     mask: torch.Tensor | None,
     *,
     template_gram: torch.Tensor | None,
+    log_prior: torch.Tensor | None,
     alpha: float,
     gamma: float | None,
     **_: Any,
@@ -263,7 +264,11 @@ def _ot(
         raise ValueError("the 'ot' regularizer needs template_gram (the Gram matrix of the keys)")
     if gamma is None:
         raise ValueError("the 'ot' regularizer needs gamma (None means sqrt(hidden size) inside a model)")
-    return ops.ot_weights(logits, template_gram, mask, alpha=alpha, gamma=gamma)
+    preference = None
+    if log_prior is not None:  # the preference u of eq. (22): u_i proportional to exp(log pi_i)
+        log_prior = log_prior.float()
+        preference = torch.exp(log_prior - log_prior.amax(-1, keepdim=True)).expand(scores.shape)
+    return ops.ot_weights(scores, template_gram, mask, alpha=alpha, gamma=gamma, preference=preference)
 
 
 register_regularizer(

@@ -121,7 +121,7 @@ def test_learned_parameters_exist_when_loaded_from_a_plain_checkpoint(tmp_path) 
     assert len(alphas) == 2
     for alpha in alphas:
         torch.testing.assert_close(alpha.flatten(), torch.full((4,), 1.25))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     ids, mask = padded_tokens()
     model.train()
     model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()

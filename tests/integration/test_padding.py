@@ -61,12 +61,14 @@ def test_padded_batch_equals_each_sequence_alone(kind: str, setting: str) -> Non
 
 
 def test_left_padding_is_invariant_too() -> None:
-    """Left padding (as in batched generation) also leaves the real tokens unchanged (Sinkhorn)."""
+    """Left padding (as in batched generation) also leaves the real tokens unchanged (Sinkhorn); the
+    position ids of the real tokens are kept as when alone."""
     model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=25))
     ids, mask = padded_tokens()
     ids, mask = ids.flip(-1), mask.flip(-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         n = int(mask[2].sum())
         alone = model(input_ids=ids[2:3, -n:]).last_hidden_state[0]
     torch.testing.assert_close(batched[2, -n:], alone, atol=2e-5, rtol=1e-4)
