@@ -77,7 +77,10 @@ def _log_prior(
     named in the spec (ALiBi, or learned relative-position buckets)."""
     terms = [t for t in (position_bias, mask_bias) if t is not None]
     prior = spec.params.get("prior")
-    causal = module_part(module) == "decoder"
+    part = module_part(module)
+    if prior is not None and part == "cross":
+        raise ValueError(f"prior={prior!r} is a position prior and has no meaning for cross-attention")
+    causal = part == "decoder"
     if prior == "alibi":
         terms.append(alibi_bias(num_heads(module), n_queries, n_keys, causal=causal, device=device)[None])
     elif prior == "relative_buckets":

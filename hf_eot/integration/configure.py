@@ -43,8 +43,8 @@ def configure(
 
     Raises:
         ValueError: naming the bad value and the valid choices, for an unknown regularizer or parameter,
-            an out-of-range value, a layer index or part that the model does not have, or a map that
-            couples queries (Sinkhorn) on a decoder part.
+            an out-of-range value, a layer index or part that the model does not have, a map that
+            couples queries (Sinkhorn) on a decoder part, or a position prior on cross-attention.
     """
     model = config_or_model if isinstance(config_or_model, nn.Module) else None
     config = model.config if model is not None else config_or_model
@@ -74,6 +74,13 @@ def configure(
                 f"regularizer {regularizer!r} couples all queries of a sequence, so it cannot be used in the "
                 f"{coupled} attention (later tokens would change earlier ones); choose part='encoder'"
             )
+
+    if spec.params.get("prior") is not None and "cross" in selected:
+        raise ValueError(
+            f"prior={spec.params['prior']!r} is a position prior over one sequence and has no meaning for "
+            "cross-attention (queries and keys come from different sequences); choose part='encoder' or "
+            "part='decoder'"
+        )
 
     if layer_tuple is None and part is None:
         new = EOTAttentionConfig(spec)

@@ -50,6 +50,14 @@ def test_sinkhorn_is_refused_in_decoders() -> None:
     assert config.eot_attention["overrides"][0]["part"] == "encoder"
 
 
+def test_position_priors_are_refused_on_cross_attention() -> None:
+    """ALiBi / relative buckets need queries and keys on one axis: refused for T5's cross-attention."""
+    for part in (None, "cross"):
+        with pytest.raises(ValueError, match="no meaning for cross-attention"):
+            hf_eot.configure(t5_config(), "softmax", part=part, prior="alibi")
+    hf_eot.configure(t5_config(), "softmax", part="decoder", prior="alibi")
+
+
 def test_overrides_select_layers_and_parts() -> None:
     """The last matching override wins; parts and layer indices are read off the modules."""
     model = build("t5", "eot")

@@ -111,3 +111,38 @@ def test_fully_masked_sequence_gives_no_nan() -> None:
             out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
         assert torch.isfinite(out.last_hidden_state).all(), name
         assert all(torch.isfinite(w).all() for w in out.attentions), name
+
+
+@pytest.mark.parametrize(
+    ("regularizer", "params"),
+    [
+        ("entmax", {}),
+        ("sparsemax", {}),
+        ("softmax", {"prior": "alibi", "epsilon": 0.7}),
+        ("softmax", {"prior": "relative_buckets"}),
+        ("ot", {}),
+    ],
+)
+def test_t5_generate_with_cache_equals_recomputation(regularizer: str, params: dict) -> None:
+    """For a configured decoder, greedy generate with the KV cache gives the tokens and scores of a
+    generate that recomputes every step without cache (causal masks and priors align with the cache)."""
+
+    def configure(config):
+        parts = ("encoder", "decoder") if "prior" in params else (None,)
+        for part in parts:
+            hf_eot.configure(config, regularizer, part=part, **params)
+
+    model = build("t5", "eot", configure=configure)
+    if params.get("prior") == "relative_buckets":  # leave zero init, so the buckets matter
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "relative_bias" in name:
+                    param.normal_()
+    ids, mask = padded_tokens()
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        recomputed = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    for ours, theirs in zip(cached.scores, recomputed.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

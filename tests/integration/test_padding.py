@@ -30,9 +30,15 @@ def _configure(kind: str, setting: str):
     params = SETTINGS[setting]
 
     def apply(config):
-        # Sinkhorn couples queries, so in T5 it goes to the encoder; the decoder keeps a row-wise map.
-        part = "encoder" if (kind == "t5" and name == "sinkhorn") else None
-        hf_eot.configure(config, name, part=part, **params)
+        # In T5, Sinkhorn (which couples queries) goes to the encoder only, and position priors to the
+        # self-attention parts only (they mean nothing for cross-attention).
+        parts = [None]
+        if kind == "t5" and name == "sinkhorn":
+            parts = ["encoder"]
+        elif kind == "t5" and "prior" in params:
+            parts = ["encoder", "decoder"]
+        for part in parts:
+            hf_eot.configure(config, name, part=part, **params)
 
     return apply
 
