@@ -1,0 +1,307 @@
+"""Tests for hf_eot.ops.sinkhorn_weights: two-sided entropic OT in the log domain."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_eot.ops import SinkhornResult, sinkhorn_weights, softmax_weights
+from hf_eot.ops.sinkhorn import SinkhornConvergenceWarning
+
+
+def naive_log_sinkhorn(
+    scores: torch.Tensor, mask: torch.Tensor, epsilon: float, n_iters: int
+) -> torch.Tensor:
+    """Reference written plainly: textbook log-domain Sinkhorn, masked entries as -inf, log(0)
+    marginals for padded rows/columns.  Correct without padding; NaN with padding."""
+    f = torch.where(mask, scores / epsilon, float("-inf"))
+    nq = mask.any(-1).sum(-1, keepdim=True)
+    nk = mask.any(-2).sum(-1, keepdim=True)
+    log_a = torch.log(mask.any(-1).double())  # 0 or -inf
+    log_b = torch.log(mask.any(-2).double() * nq / nk)
+    log_u = torch.zeros(f.shape[:-1], dtype=f.dtype)
+    log_v = torch.zeros(f.shape[:-2] + f.shape[-1:], dtype=f.dtype)
+    log_u = log_a - torch.logsumexp(f + log_v.unsqueeze(-2), dim=-1)
+    for _ in range(n_iters):
+        log_v = log_b - torch.logsumexp(f + log_u.unsqueeze(-1), dim=-2)
+        log_u = log_a - torch.logsumexp(f + log_v.unsqueeze(-2), dim=-1)
+    return torch.exp(f + log_u.unsqueeze(-1) + log_v.unsqueeze(-2))
+
+
+def key_padding_mask(batch: int, n_q: int, n_k: int, n_valid_keys: list[int]) -> torch.Tensor:
+    mask = torch.zeros(batch, n_q, n_k, dtype=torch.bool)
+    for b, nv in enumerate(n_valid_keys):
+        mask[b, :, :nv] = True
+    return mask
+
+
+def assert_marginals(
+    res: SinkhornResult, mask: torch.Tensor, col_atol: float, row_atol: float = 1e-5
+) -> None:
+    """Valid rows sum to 1, valid columns to nq/nk (per problem), invalid rows/cols exactly 0."""
+    w = res.weights.double()
+    assert torch.isfinite(w).all()
+    row_valid, col_valid = mask.any(-1), mask.any(-2)
+    nq = row_valid.sum(-1, keepdim=True).double()
+    nk = col_valid.sum(-1, keepdim=True).double()
+    rows, cols = w.sum(-1), w.sum(-2)
+    torch.testing.assert_close(rows[row_valid], torch.ones_like(rows[row_valid]), atol=row_atol, rtol=0)
+    target = (nq / nk).expand_as(cols)
+    torch.testing.assert_close(cols[col_valid], target[col_valid], atol=col_atol, rtol=0)
+    assert (rows[~row_valid] == 0).all() and (cols[~col_valid] == 0).all()
+    assert (w[~mask] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ references
+
+
+@pytest.mark.parametrize("n_q,n_k", [(6, 6), (5, 8), (9, 4)])
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 2.0])
+def test_matches_pot_sinkhorn_log_unmasked(n_q: int, n_k: int, epsilon: float) -> None:
+    """Unmasked single problem: our plan equals n_q * POT's plan for a = 1/n_q, b = 1/n_k,
+    M = -scores, reg = epsilon (POT's plan sums to the marginals passed in)."""
+    rng = np.random.default_rng(0)
+    S = rng.normal(size=(n_q, n_k)) * 2
+    a, b = np.ones(n_q) / n_q, np.ones(n_k) / n_k
+    ref_log = ot.bregman.sinkhorn_log(a, b, -S, epsilon, numItermax=100000, stopThr=1e-13)
+    ref = ot.sinkhorn(a, b, -S, epsilon, numItermax=100000, stopThr=1e-13)
+    res = sinkhorn_weights(torch.from_numpy(S), epsilon=epsilon, tol=1e-11, max_iters=100000)
+    assert bool(res.converged)
+    np.testing.assert_allclose(res.weights.numpy(), n_q * ref_log, atol=1e-9)
+    np.testing.assert_allclose(res.weights.numpy(), n_q * ref, atol=1e-9)
+
+
+def test_fixed_iterations_equal_plain_reference_without_padding() -> None:
+    """n_iters=k performs exactly k (column, row) updates after an initial row normalisation."""
+    gen = torch.Generator().manual_seed(1)
+    S = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64) * 3
+    full = torch.ones(3, 5, 7, dtype=torch.bool)
+    for k in (0, 1, 4):
+        res = sinkhorn_weights(S, n_iters=k, epsilon=0.7)
+        assert res.n_iters == k
+        torch.testing.assert_close(res.weights, naive_log_sinkhorn(S, full, 0.7, k), atol=1e-12, rtol=0)
+    assert torch.allclose(sinkhorn_weights(S, n_iters=0).weights, softmax_weights(S), atol=1e-14)
+
+
+def test_potentials_reproduce_the_plan() -> None:
+    """weights = exp(scores / epsilon + log_u + log_v) on allowed entries; shapes of the output."""
+    gen = torch.Generator().manual_seed(2)
+    S = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+    mask = key_padding_mask(2, 4, 6, [6, 4])
+    res = sinkhorn_weights(S, mask, epsilon=0.5, n_iters=7)
+    assert res.log_u.shape == (2, 4) and res.log_v.shape == (2, 6)
+    assert res.marginal_error.shape == (2,) and res.converged.shape == (2,)
+    rebuilt = torch.exp(S / 0.5 + res.log_u[..., :, None] + res.log_v[..., None, :])
+    torch.testing.assert_close(torch.where(mask, rebuilt, 0.0), res.weights)
+
+
+# ------------------------------------------------------------------------------------ padding
+
+
+@pytest.mark.parametrize("dtype,col_atol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
+def test_key_padding_25_and_50_percent_no_nan_and_marginals(dtype: torch.dtype, col_atol: float) -> None:
+    """25% and 50% key padding (per batch element): no NaN, valid rows sum to 1, valid columns to
+    nq/nk, padded keys exactly 0.  The textbook log-domain code gives NaN on the same input."""
+    gen = torch.Generator().manual_seed(3)
+    S = (torch.randn(3, 8, 8, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    mask = key_padding_mask(3, 8, 8, [8, 6, 4])
+    res = sinkhorn_weights(S, mask, tol=col_atol / 2, max_iters=5000)
+    assert bool(res.converged.all())
+    assert_marginals(res, mask, col_atol=col_atol)
+    assert torch.isnan(naive_log_sinkhorn(S.double(), mask, 1.0, 10)).any()
+
+
+def test_padded_problem_matches_pot_on_the_valid_block() -> None:
+    """With padded queries and keys, the valid block equals n_valid_queries * POT's plan of the
+    unpadded sub-problem (a = 1/nq, b = 1/nk); everything else is exactly 0."""
+    rng = np.random.default_rng(11)
+    S = rng.normal(size=(7, 9)) * 2
+    nq, nk = 5, 6
+    mask = torch.zeros(7, 9, dtype=torch.bool)
+    mask[:nq, :nk] = True
+    ref = ot.bregman.sinkhorn_log(
+        np.ones(nq) / nq, np.ones(nk) / nk, -S[:nq, :nk], 0.8, numItermax=100000, stopThr=1e-13
+    )
+    res = sinkhorn_weights(torch.from_numpy(S), mask, epsilon=0.8, tol=1e-11, max_iters=100000)
+    np.testing.assert_allclose(res.weights[:nq, :nk].numpy(), nq * ref, atol=1e-9)
+    assert (res.weights[nq:] == 0).all() and (res.weights[:, nk:] == 0).all()
+
+
+def test_padded_query_rows_and_keys_rectangular() -> None:
+    """Padded queries AND keys, n_q != n_k: invalid rows/columns get exactly 0 mass, column target
+    n_valid_queries / n_valid_keys per problem."""
+    gen = torch.Generator().manual_seed(4)
+    S = torch.randn(2, 2, 6, 9, generator=gen, dtype=torch.float64) * 2
+    mask = torch.zeros(2, 1, 6, 9, dtype=torch.bool)
+    mask[0, :, :6, :9] = True
+    mask[1, :, :4, :5] = True  # 2 padded queries, 4 padded keys
+    res = sinkhorn_weights(S, mask, tol=1e-8, max_iters=5000)
+    assert_marginals(res, mask.expand_as(S), col_atol=1e-8)
+    assert (res.weights[1, :, 4:] == 0).all() and (res.weights[1, :, :, 5:] == 0).all()
+    torch.testing.assert_close(
+        res.weights[1, ..., :4, :5].sum(-2), torch.full((2, 5), 0.8, dtype=torch.float64)
+    )
+
+
+def test_padding_gradients_are_finite_and_zero_on_padding() -> None:
+    """Backward through the unrolled iterations with padding: finite, 0 on masked scores."""
+    gen = torch.Generator().manual_seed(5)
+    S = (torch.randn(2, 6, 8, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    mask = key_padding_mask(2, 6, 8, [6, 4])
+    mask[1, 5] = False  # a padded query as well
+    res = sinkhorn_weights(S, mask, n_iters=10)
+    (res.weights * torch.randn(2, 6, 8, generator=gen, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(S.grad).all()
+    assert (S.grad[~mask] == 0).all()
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def test_gradcheck_fixed_iterations_with_padding() -> None:
+    """gradcheck (float64) through n_iters=6 with key and query padding."""
+    gen = torch.Generator().manual_seed(6)
+    S = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    mask = key_padding_mask(2, 4, 5, [5, 3])
+    mask[1, 3] = False
+    assert torch.autograd.gradcheck(lambda t: sinkhorn_weights(t, mask, n_iters=6, epsilon=0.8).weights, (S,))
+
+
+def test_gradcheck_adaptive_mode_and_epsilon() -> None:
+    """gradcheck (float64) in the iterate-to-tolerance mode, w.r.t. scores and a tensor epsilon."""
+    gen = torch.Generator().manual_seed(7)
+    S = torch.randn(3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    eps = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+
+    def fn(s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return sinkhorn_weights(s, epsilon=e, tol=1e-12, max_iters=400, check_every=10).weights
+
+    assert torch.autograd.gradcheck(fn, (S, eps))
+
+
+# --------------------------------------------------------------------------------- modes
+
+
+def test_fixed_iterations_compile_fullgraph() -> None:
+    """n_iters=k has no graph break: torch.compile(fullgraph=True) traces it (aot_eager backend:
+    traces forward and backward graphs without the minute-long C++ build of inductor on CPU) and
+    gives the eager result, gradients included."""
+    gen = torch.Generator().manual_seed(8)
+    S = torch.randn(2, 5, 6, generator=gen)
+    mask = torch.rand(2, 5, 6, generator=gen) > 0.2
+    mask[0, :, 4:] = False
+
+    def fn(s: torch.Tensor, m: torch.Tensor) -> SinkhornResult:
+        return sinkhorn_weights(s, m, n_iters=5, epsilon=0.5)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    s1, s2 = S.clone().requires_grad_(), S.clone().requires_grad_()
+    got, ref = compiled(s1, mask), fn(s2, mask)
+    torch.testing.assert_close(got.weights, ref.weights)
+    torch.testing.assert_close(got.marginal_error, ref.marginal_error)
+    assert got.n_iters == 5
+    got.weights.square().sum().backward()
+    ref.weights.square().sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+    torch._dynamo.reset()
+
+
+def test_adaptive_mode_converges_and_reports() -> None:
+    """n_iters=None stops at the first check with error <= tol; n_iters counts iterations."""
+    gen = torch.Generator().manual_seed(9)
+    S = torch.randn(4, 10, 10, generator=gen)
+    res = sinkhorn_weights(S, tol=1e-4, check_every=5)
+    assert bool(res.converged.all()) and bool((res.marginal_error <= 1e-4).all())
+    assert res.n_iters % 5 == 0 and 0 < res.n_iters < 1000
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(4, 10))
+
+
+def test_non_convergence_warns_once() -> None:
+    """Not converged at max_iters: exactly one warning, giving the error reached and advice."""
+    gen = torch.Generator().manual_seed(10)
+    S = torch.randn(3, 16, 16, generator=gen) * 8
+    with pytest.warns(SinkhornConvergenceWarning, match="epsilon") as record:
+        res = sinkhorn_weights(S, tol=1e-6, max_iters=30, check_every=3)
+    assert len([w for w in record if issubclass(w.category, SinkhornConvergenceWarning)]) == 1
+    assert "error" in str(record[0].message) and "max_iters" in str(record[0].message)
+    assert res.n_iters == 30 and not bool(res.converged.all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkhorn_weights(S, n_iters=30, tol=1e-6)  # fixed mode never warns
+
+
+def test_iterations_needed_at_logit_std_4() -> None:
+    """Measurement kept as a test: at logit std 4 (epsilon 1, 64 x 64, tol 1e-3) plain Sinkhorn
+    needs tens to ~a hundred iterations (measured 20-130 over seeds), at std 1 only a few."""
+    gen = torch.Generator().manual_seed(0)
+    iters4 = [
+        sinkhorn_weights(torch.randn(64, 64, generator=gen) * 4, tol=1e-3, check_every=1).n_iters
+        for _ in range(3)
+    ]
+    iters1 = [
+        sinkhorn_weights(torch.randn(64, 64, generator=gen), tol=1e-3, check_every=1).n_iters
+        for _ in range(3)
+    ]
+    assert all(10 <= k <= 300 for k in iters4), iters4
+    assert all(k <= 10 for k in iters1), iters1
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    scale=st.sampled_from([1.0, 1e2, 1e4]),
+    n_q=st.integers(1, 7),
+    n_k=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+    p_masked=st.floats(0.0, 1.0),
+)
+def test_extreme_scores_and_random_masks_stay_finite(
+    dtype: torch.dtype, scale: float, n_q: int, n_k: int, seed: int, p_masked: float
+) -> None:
+    """Scores up to +-1e4 in any dtype, any mask: finite plan and gradients, valid rows sum to 1,
+    masked entries and invalid rows exactly 0."""
+    gen = torch.Generator().manual_seed(seed)
+    S = (torch.randn(2, n_q, n_k, generator=gen) * scale).clamp(-1e4, 1e4).to(dtype).requires_grad_()
+    mask = torch.rand(2, n_q, n_k, generator=gen) > p_masked
+    res = sinkhorn_weights(S, mask, n_iters=8)
+    w = res.weights.float()
+    assert torch.isfinite(w).all() and torch.isfinite(res.log_u).all() and torch.isfinite(res.log_v).all()
+    assert torch.isfinite(res.marginal_error).all()
+    assert (w[~mask] == 0).all()
+    rv = mask.any(-1)
+    assert torch.allclose(w.sum(-1)[rv], torch.ones(int(rv.sum())), atol=2e-2)
+    assert (w.sum(-1)[~rv] == 0).all()
+    w.square().sum().backward()
+    assert torch.isfinite(S.grad.float()).all()
+
+
+def test_bad_inputs_raise() -> None:
+    """Bad epsilon, n_iters, tol, max_iters, check_every, scores and masks are rejected."""
+    S = torch.randn(3, 4)
+    for kwargs in (
+        {"epsilon": 0.0},
+        {"epsilon": -1.0},
+        {"n_iters": -1},
+        {"n_iters": 2.5},
+        {"tol": 0.0},
+        {"max_iters": 0},
+        {"check_every": 0},
+    ):
+        with pytest.raises(ValueError):
+            sinkhorn_weights(S, **kwargs)
+    with pytest.raises(ValueError):
+        sinkhorn_weights(torch.randn(4))
+    with pytest.raises(TypeError):
+        sinkhorn_weights(S, torch.ones(3, 4))
+    with pytest.raises(TypeError):
+        sinkhorn_weights(torch.ones(3, 4, dtype=torch.long))
