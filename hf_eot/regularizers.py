@@ -230,12 +230,16 @@ def _sinkhorn(
     logits: torch.Tensor,
     mask: torch.Tensor | None,
     *,
+    epsilon: float,
     n_iters: int | None,
     tol: float,
     max_iters: int,
     **_: Any,
 ) -> torch.Tensor:
-    return ops.sinkhorn_weights(logits, mask, epsilon=1.0, n_iters=n_iters, tol=tol, max_iters=max_iters).weights
+    # logits = scores / epsilon + log_prior: hand the solver its own epsilon back, so that its
+    # non-convergence advice speaks of the user's value
+    scores = logits if epsilon == 1.0 else logits * epsilon
+    return ops.sinkhorn_weights(scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters).weights
 
 
 register_regularizer(
