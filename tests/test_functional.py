@@ -67,6 +67,8 @@ def test_prior_softmax_closed_form() -> None:
     torch.testing.assert_close(actual, expected)
 
 
+# Sinkhorn may not reach tol at +-1e4 (it warns, tested in tests/ops); finiteness is what is checked here.
+@pytest.mark.filterwarnings("ignore::hf_eot.ops.sinkhorn.SinkhornConvergenceWarning")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", sorted(PARAMS) + ["ot"])
 def test_half_precision_extreme_scores(name: str, dtype: torch.dtype) -> None:
