@@ -44,9 +44,10 @@ class AttentionSpec:
         object.__setattr__(self, "params", validate_params(self.regularizer, self.params))
 
     @property
-    def is_plain_softmax(self) -> bool:
-        """True when the spec is exactly the model's own softmax (the fused SDPA path applies)."""
-        return self.regularizer == "softmax" and self.params["epsilon"] == 1.0 and self.params["prior"] is None
+    def runs_on_sdpa(self) -> bool:
+        """True for softmax without a named prior: ``softmax(scores / epsilon + model's own bias)`` is
+        fused SDPA with the scale divided by epsilon."""
+        return self.regularizer == "softmax" and self.params["prior"] is None
 
     def to_dict(self) -> dict[str, Any]:
         return {"regularizer": self.regularizer, **self.params}

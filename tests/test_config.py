@@ -31,12 +31,12 @@ def test_last_matching_override_wins() -> None:
     assert config.spec_for(1, "cross").regularizer == "entmax"
 
 
-def test_plain_softmax_detection() -> None:
-    """Only softmax with epsilon 1 and no prior takes the fused SDPA path."""
-    assert AttentionSpec().is_plain_softmax
-    assert not AttentionSpec("softmax", {"epsilon": 2.0}).is_plain_softmax
-    assert not AttentionSpec("softmax", {"prior": "alibi"}).is_plain_softmax
-    assert not AttentionSpec("sparsemax").is_plain_softmax
+def test_fused_sdpa_detection() -> None:
+    """Softmax with any epsilon and no named prior runs on fused SDPA; other maps and priors do not."""
+    assert AttentionSpec().runs_on_sdpa
+    assert AttentionSpec("softmax", {"epsilon": 2.0}).runs_on_sdpa
+    assert not AttentionSpec("softmax", {"prior": "alibi"}).runs_on_sdpa
+    assert not AttentionSpec("sparsemax").runs_on_sdpa
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,9 @@ def eot_attention_forward(
     trick of paper 003, Section 9); the other layers of the same model ignore it.
     """
     spec = module_spec(module)
-    if spec.is_plain_softmax and not kwargs.get("output_attentions", False):
+    if spec.runs_on_sdpa and not kwargs.get("output_attentions", False):
+        # softmax(q.k * scaling / epsilon + the model's bias): Transformers' own SDPA path, fused kernel
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return sdpa_attention_forward(
             module,
             query,
@@ -158,7 +160,7 @@ def eot_attention_forward(
             value,
             attention_mask,
             dropout=dropout,
-            scaling=scaling,
+            scaling=scale / spec.params["epsilon"],
             is_causal=is_causal,
             position_bias=position_bias,
             **kwargs,
