@@ -1,6 +1,8 @@
 """Speed and memory of the "eot" attention function for every regularizer, against the references
-measured in the same run: ``torch.nn.functional.scaled_dot_product_attention`` for all, and the
-``entmax`` package's ``sparsemax`` / ``entmax15`` for the sparse maps.
+measured in the same run: ``attn_implementation="sdpa"`` (Transformers' function around
+``torch.nn.functional.scaled_dot_product_attention``) for all, the raw torch kernel for information
+(it skips the contiguous output copy that the attention contract requires), and the ``entmax``
+package's ``sparsemax`` / ``entmax15`` for the sparse maps.
 
     python benchmarks/attention.py                 # n in {128, 512, 1024, 2048}, batch 2, 8 heads, d 64
     python benchmarks/attention.py --sizes 128 512 --repeats 5
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import BertConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_eot
 from hf_eot.integration.attention import eot_attention_forward
@@ -63,7 +66,18 @@ def _eot(name: str | None, params: dict, heads: int, d: int) -> Callable:
     return run
 
 
-def _sdpa(q, k, v):
+def _transformers_sdpa(heads: int, d: int) -> Callable:
+    """What attn_implementation="sdpa" runs: Transformers' SDPA function (fused kernel, contiguous
+    (batch, n, heads, d) output as the attention contract requires)."""
+    module = _Attention(BertConfig(hidden_size=heads * d, num_attention_heads=heads))
+
+    def run(q, k, v):
+        return sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)[0]
+
+    return run
+
+
+def _torch_sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
@@ -117,18 +131,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="measure only these rows (the SDPA reference is always measured)")
     args = parser.parse_args(argv)
     from entmax import entmax15, sparsemax
 
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"batch={args.batch} heads={args.heads} head_dim={args.dim}; best of {args.repeats}")
     candidates: dict[str, Callable] = {
-        "sdpa (reference)": _sdpa,
+        "sdpa (reference)": _transformers_sdpa(args.heads, args.dim),
+        "torch sdpa, raw": _torch_sdpa,
         "eot, no config": _eot(None, {}, args.heads, args.dim),
         **{label: _eot(name, params, args.heads, args.dim) for label, (name, params) in SETTINGS.items()},
         "entmax pkg sparsemax": _entmax_package(sparsemax),
         "entmax pkg entmax15": _entmax_package(entmax15),
     }
+    if args.only:
+        unknown = set(args.only) - set(candidates)
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; valid: {sorted(candidates)}")
+        candidates = {k: v for k, v in candidates.items() if k == "sdpa (reference)" or k in args.only}
     package_of = {"sparsemax": "entmax pkg sparsemax", "entmax-1.5": "entmax pkg entmax15"}
     for n in args.sizes:
         torch.manual_seed(0)
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|" + "---|" * 9)
         for label, (fwd, both, mem) in results.items():
             vs_pkg = ("", "")
-            if label in package_of:
+            if label in package_of and package_of[label] in results:
                 pkg_fwd, pkg_both, _ = results[package_of[label]]
                 vs_pkg = (f"{fwd / pkg_fwd:.2f}", f"{both / pkg_both:.2f}")
             print(f"| {label:<22} | {fwd * 1e3:8.1f} | {both * 1e3:8.1f} | {mem:8.1f} | {fwd / ref_fwd:6.2f} | "
