@@ -42,7 +42,9 @@ def fake_bbc(tmp_path):
     for c, name in enumerate(["tech", "business", "sports"]):  # not sorted on purpose
         (tmp_path / name).mkdir()
         for i in range(10):
-            (tmp_path / name / f"{i + 1:03d}.txt").write_text(f"Title {name} {i}\n\nFirst para.\n\nSecond para {c}.\n")
+            (tmp_path / name / f"{i + 1:03d}.txt").write_text(
+                f"Title {name} {i}\n\nFirst para.\n\nSecond para {c}.\n"
+            )
     return tmp_path
 
 

@@ -50,19 +50,26 @@ def test_front_matter_and_sections(tmp_path):
 
 def test_layout_of_t5_parts():
     config = T5Config(num_layers=2, num_decoder_layers=3, d_model=16, d_ff=32, num_heads=2, d_kv=8)
-    config.eot_attention = {"default": {"regularizer": "softmax"},
-                            "overrides": [{"part": "encoder", "regularizer": "sinkhorn"}]}
+    config.eot_attention = {
+        "default": {"regularizer": "softmax"},
+        "overrides": [{"part": "encoder", "regularizer": "sinkhorn"}],
+    }
     rows = attention_layout(config)
     assert [(r["part"], r["layers"], r["regularizer"]) for r in rows] == [
-        ("encoder", [0, 1], "sinkhorn"), ("decoder", [0, 2], "softmax"), ("cross", [0, 2], "softmax")
+        ("encoder", [0, 1], "sinkhorn"),
+        ("decoder", [0, 2], "softmax"),
+        ("cross", [0, 2], "softmax"),
     ]
     card = model_card(config, path=None)
     assert "relative position bias" in card and "Not recorded." in card
 
 
 def test_plain_config_is_softmax_and_nested_results(tmp_path):
-    card = model_card(_bert_config(), results={"softmax": {"acc": 0.9}, "ot": {"acc": 0.8, "note": "x|y"}},
-                      path=tmp_path / "cards" / "bert.md")
+    card = model_card(
+        _bert_config(),
+        results={"softmax": {"acc": 0.9}, "ot": {"acc": 0.8, "note": "x|y"}},
+        path=tmp_path / "cards" / "bert.md",
+    )
     assert "| encoder | 0-3 | softmax | epsilon=1.0, prior=None |" in card
     assert "| run | acc | note |" in card and "| ot | 0.8 | x\\|y |" in card
     assert (tmp_path / "cards" / "bert.md").is_file()
@@ -75,8 +82,11 @@ def test_callback_writes_checkpoint_and_output_cards(tmp_path):
 
     model = BertForSequenceClassification(_bert_config())
     args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-3, seed=1, max_steps=-1, bf16=False)
-    state = SimpleNamespace(global_step=7, is_world_process_zero=True,
-                            log_history=[{"loss": 1.0}, {"eval_accuracy": 0.5, "eval_runtime": 1.0}])
+    state = SimpleNamespace(
+        global_step=7,
+        is_world_process_zero=True,
+        log_history=[{"loss": 1.0}, {"eval_accuracy": 0.5, "eval_runtime": 1.0}],
+    )
     callback = ModelCardCallback(datasets=["d"], metrics=["accuracy"], training={"note": "tiny"})
     (tmp_path / "checkpoint-7").mkdir()
     callback.on_save(args, state, None, model=model)

