@@ -52,22 +52,14 @@ def spec_label(text: str) -> str:
     return text.replace(":", "-").replace(",", "-").replace("=", "")
 
 
-def have_eot() -> bool:
-    """True when the hf_eot Transformers integration (``hf_eot.configure``) is available."""
-    return hasattr(hf_eot, "configure")
-
-
 def attn_implementation() -> str:
-    return "eot" if have_eot() else "sdpa"
+    """The attention implementation the examples load models with."""
+    return hf_eot.ATTN_IMPLEMENTATION
 
 
 def configure(model, spec: str, **kwargs):
-    """Apply a regularizer spec string to a model (``hf_eot.configure``)."""
+    """Apply a regularizer spec string (``name[:key=value,...]``) to a model with ``hf_eot.configure``."""
     name, params = parse_spec(spec)
-    if not have_eot():
-        if name == "softmax" and not params and not kwargs:
-            return model
-        raise RuntimeError("hf_eot.configure is not available in this checkout; only plain softmax runs")
     return hf_eot.configure(model, name, **kwargs, **params)
 
 
@@ -109,3 +101,35 @@ def previous_runs(output_dir: str | os.PathLike, resume: bool) -> list[dict]:
     if not resume or not path.is_file():
         return []
     return list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+
+
+def training_arguments(cls, args, output_dir, seed: int, **settings):
+    """The ``TrainingArguments`` (or ``Seq2SeqTrainingArguments``) the examples share, plus ``settings``.
+
+    ``--batch-size`` is the global batch: it is split over the processes of ``accelerate launch``
+    (``use_cpu=True`` on a machine without GPUs makes them gloo processes).  The examples' losses are plain
+    means that ignore ``num_items_in_batch``; with ``average_tokens_across_devices=True`` (the default)
+    Transformers' Trainer multiplies them by the number of processes, so N processes would train on an
+    N-times loss.
+    """
+    import torch
+
+    targs = cls(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        seed=seed,
+        data_seed=seed,
+        bf16=args.bf16,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        average_tokens_across_devices=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **settings,
+    )
+    targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
+    return targs

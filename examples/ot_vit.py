@@ -109,37 +109,22 @@ def build_model(args, variant: str, seed: int):
 
 
 def run_one(args, variant: str, seed: int, data) -> dict:
-    import torch
     from transformers import TrainingArguments
 
     model = build_model(args, variant, seed)
     out = Path(args.output_dir) / variant / f"seed{seed}"
-    targs = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
+    targs = _common.training_arguments(
+        TrainingArguments,
+        args,
+        out,
+        seed,
         per_device_eval_batch_size=256,
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr,
         weight_decay=0.05,
         warmup_steps=0.05,
         lr_scheduler_type="cosine",
-        seed=seed,
-        data_seed=seed,
-        bf16=args.bf16,
-        eval_strategy="no",
-        save_strategy="no",
         logging_steps=20,
-        report_to=[],
         remove_unused_columns=False,  # the collator reads "image" and "label"
-        use_cpu=not torch.cuda.is_available(),
-        # these models' losses are plain means that ignore num_items_in_batch; with the default (True) the
-        # Trainer multiplies them by the number of processes, so N processes would train on an N-times loss
-        average_tokens_across_devices=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    # the global batch is split over the processes (accelerate launch); use_cpu=True makes them gloo processes
-    targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
     partner_prob = args.partner_prob if variant == "ot-vit" else 0.0
 
     def accuracy(pred):

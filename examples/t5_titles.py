@@ -126,39 +126,24 @@ def cache_demo(model, tokenizer, texts: list[str], max_new_tokens: int) -> dict:
 
 def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
     import sacrebleu
-    import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model = build_model(args, variant, seed, tokenizer)
     out = Path(args.output_dir) / _common.spec_label(variant.replace("@", "-")) / f"seed{seed}"
-    targs = Seq2SeqTrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
+    targs = _common.training_arguments(
+        Seq2SeqTrainingArguments,
+        args,
+        out,
+        seed,
         per_device_eval_batch_size=64,
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr,
         warmup_steps=0.05,
         weight_decay=0.01,
         lr_scheduler_type="linear",
-        seed=seed,
-        data_seed=seed,
-        bf16=args.bf16,
-        eval_strategy="no",
-        save_strategy="no",
         logging_steps=20,
-        report_to=[],
         predict_with_generate=True,
         generation_max_length=args.target_bytes + 1,
         generation_num_beams=1,
-        use_cpu=not torch.cuda.is_available(),
-        # these models' losses are plain means that ignore num_items_in_batch; with the default (True) the
-        # Trainer multiplies them by the number of processes, so N processes would train on an N-times loss
-        average_tokens_across_devices=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    # the global batch is split over the processes (accelerate launch); use_cpu=True makes them gloo processes
-    targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
 
     def scores(pred):
         preds = np.where(pred.predictions < 0, tokenizer.pad_token_id, pred.predictions)

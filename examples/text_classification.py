@@ -77,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(args, spec: str, seed: int, data, tokenizer, model_path: str) -> dict:
-    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
@@ -97,32 +96,18 @@ def run_one(args, spec: str, seed: int, data, tokenizer, model_path: str) -> dic
     )
     configure(model, spec)  # before the optimizer exists: learned parameters are created here
     out = Path(args.output_dir) / spec_label(spec) / f"seed{seed}"
-    targs = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
+    targs = _common.training_arguments(
+        TrainingArguments,
+        args,
+        out,
+        seed,
         per_device_eval_batch_size=64,
-        num_train_epochs=args.epochs,
-        learning_rate=args.lr,
         warmup_steps=0.1,
         weight_decay=0.01,
         lr_scheduler_type="linear",
-        seed=seed,
-        data_seed=seed,
-        bf16=args.bf16,
         activation_checkpointing=args.gradient_checkpointing,
-        eval_strategy="no",
-        save_strategy="no",
         logging_steps=10,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        # these models' losses are plain means that ignore num_items_in_batch; with the default (True) the
-        # Trainer multiplies them by the number of processes, so N processes would train on an N-times loss
-        average_tokens_across_devices=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    # the global batch is split over the processes (accelerate launch); use_cpu=True makes them gloo processes
-    targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
 
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
