@@ -26,6 +26,9 @@ def _weights(name: str, scores: torch.Tensor, mask: torch.Tensor | None = None) 
     return attention_weights(scores, name, mask, **PARAMS[name])
 
 
+# At score scale 1e4 Sinkhorn may stop short of its tol (it warns; tested in tests/ops): the rows are
+# normalised last, so the properties checked here hold regardless.
+@pytest.mark.filterwarnings("ignore::hf_eot.ops.sinkhorn.SinkhornConvergenceWarning")
 @settings(max_examples=25, deadline=None)
 @given(
     name=st.sampled_from(sorted(hf_eot.available_regularizers())),
