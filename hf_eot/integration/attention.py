@@ -150,9 +150,9 @@ def eot_attention_forward(
     trick of paper 003, Section 9); the other layers of the same model ignore it.
     """
     spec = module_spec(module)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if spec.runs_on_sdpa and not kwargs.get("output_attentions", False):
         # softmax(q.k * scaling / epsilon + the model's bias): Transformers' own SDPA path, fused kernel
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return sdpa_attention_forward(
             module,
             query,
@@ -194,7 +194,7 @@ def eot_attention_forward(
         if eot_template_partners is not None:
             key, value, mask = _append_partner_templates(key, value, mask, eot_template_partners, n_queries)
             if log_prior is not None:
-                log_prior = torch.cat([log_prior, log_prior.expand(*log_prior.shape[:-1], n_keys)], dim=-1)
+                log_prior = torch.cat([log_prior, log_prior], dim=-1)  # a partner's keys: same positions
         if params.get("gamma") is None:
             params["gamma"] = math.sqrt(hidden_size(module.config))
         params["template_gram"] = key @ key.transpose(-1, -2)  # (B, H, K, K): <t_i, t_j>
@@ -203,7 +203,6 @@ def eot_attention_forward(
         real_tokens = mask.diagonal(dim1=-2, dim2=-1)  # (B, 1|H, Q)
         mask = mask & real_tokens.unsqueeze(-1)
 
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, Q, K)
     weights = attention_weights(scores, spec.regularizer, mask, log_prior=log_prior, **params)
     if spec.regularizer == "sinkhorn":
