@@ -408,6 +408,7 @@ def _newton_full(T, z, log_u, alpha, tol, max_iter, armijo=1e-4, max_halvings=40
 # public API
 
 
+@torch.no_grad()
 def fenchel_dual(
     t: torch.Tensor,
     z: torch.Tensor,
@@ -459,41 +460,6 @@ def fenchel_dual(
         a :class:`FenchelDualResult` whose tensors have the broadcast batch shape of the inputs. The
         solver is not differentiable (it runs under ``torch.no_grad``).
     """
-    with torch.no_grad():
-        return _fenchel_dual(
-            t,
-            z,
-            u,
-            alpha,
-            log_u,
-            tol,
-            max_iter,
-            method,
-            return_lam,
-            chunk_size,
-            memory_budget,
-            dtype,
-            warn,
-            linear_solver,
-        )
-
-
-def _fenchel_dual(
-    t,
-    z,
-    u,
-    alpha,
-    log_u,
-    tol,
-    max_iter,
-    method,
-    return_lam,
-    chunk_size,
-    memory_budget,
-    dtype,
-    warn,
-    linear_solver,
-):
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if linear_solver not in ("auto", "cg", "cholesky"):
