@@ -78,9 +78,9 @@ def compare_regularizers(
         query_ok = real[None, :, None, :]
         zeros = ((weights == 0) & key_ok).sum() / key_ok.expand_as(weights).sum()
         row_error = (weights.sum(-1) - 1).abs().masked_select(query_ok.expand(weights.shape[:-1])).max()
-        n_real = real.sum(-1).to(weights.dtype)[None, :, None, None]  # queries == keys here
         column_sums = (weights * query_ok[..., None]).sum(-2)
-        column_error = ((column_sums - n_real / n_real).abs() * key_ok[..., 0, :]).amax()
+        # self-attention: as many real queries as real keys, so Sinkhorn's column target is 1
+        column_error = ((column_sums - 1).abs() * key_ok[..., 0, :]).amax()
         rows.append(
             RegularizerComparison(
                 label,
