@@ -20,6 +20,9 @@ from torch import Tensor
 
 from ._masking import masked_logsumexp
 
+# Rows per block of the blocked column sums (float32 products within a block, float64 across blocks)
+_COLSUM_BLOCK = 32
+
 # Largest over-relaxation factor: the local rate of SOR-Sinkhorn is omega - 1 at the optimal omega.
 _OMEGA_MAX = 1.9
 
@@ -28,11 +31,33 @@ def _where_valid(x: Tensor, valid: Tensor | None, fill: float = 0.0) -> Tensor:
     return x if valid is None else torch.where(valid, x, fill)
 
 
+def _column_sums(w: Tensor, kb: Tensor) -> Tensor:
+    """``w @ kb`` (``(..., Q) @ (..., Q, K) -> (..., K)``) accurate to a few ulps for any ``Q``.
+
+    A float32 matrix-vector product accumulates ``Q`` terms in float32 (error ~ ``sqrt(Q)`` ulps,
+    about 1e-6 relative at ``Q = 512``: the floor of the column-marginal error).  Products over
+    blocks of ``_COLSUM_BLOCK`` rows are summed in float64 instead, at the cost of one product.
+    """
+    if kb.dtype == torch.float64:
+        return torch.matmul(w.unsqueeze(-2), kb).squeeze(-2)
+    n_q, n_k = kb.shape[-2], kb.shape[-1]
+    m = n_q - n_q % _COLSUM_BLOCK
+    out = torch.zeros(kb.shape[:-2] + (n_k,), dtype=torch.float64, device=kb.device)
+    if m:
+        wb = w[..., :m].reshape(w.shape[:-1] + (m // _COLSUM_BLOCK, 1, _COLSUM_BLOCK))
+        kbb = kb[..., :m, :].reshape(kb.shape[:-2] + (m // _COLSUM_BLOCK, _COLSUM_BLOCK, n_k))
+        out = out + torch.matmul(wb, kbb).squeeze(-2).sum(dim=-2, dtype=torch.float64)
+    if m < n_q:
+        out = out + torch.matmul(w[..., m:].unsqueeze(-2), kb[..., m:, :]).squeeze(-2)
+    return out
+
+
 class _LogOps:
     """Log-domain half-steps: exact for any scores (``O(Q K)`` exponentials per half-step)."""
 
     def __init__(self, f: Tensor, row_valid: Tensor | None, col_valid: Tensor | None) -> None:
         self.f, self.row_valid, self.col_valid = f, row_valid, col_valid
+        self.vdtype = f.dtype  # dtype of the potentials
 
     def row_lse(self, g: Tensor) -> Tensor:
         return masked_logsumexp(self.f + g.unsqueeze(-2), self.row_valid, dim=-1)  # (..., Q)
@@ -63,8 +88,12 @@ class _ScalingOps:
     column of ``Kb`` has an entry exactly 1 and all entries are ``<= 1``; then
     ``row_lse(g) = c + log(Kb @ exp(d + g))`` and ``col_lse(f) = d + log(exp(c + f) @ Kb)``.
     Safe while no valid entry of ``Kb`` underflows (:meth:`is_safe`) and the scalings
-    ``exp(c + f)``, ``exp(d + g)`` stay in range (checked by the solver).
+    ``exp(c + f)``, ``exp(d + g)`` stay in range (checked by the solver).  The kernel is kept in
+    the compute dtype; the potentials (vectors) in float64, so that their round-off (``|g| * ulp``)
+    does not limit the marginal error of float32 problems.
     """
+
+    vdtype = torch.float64
 
     def __init__(self, f: Tensor, row_valid: Tensor | None, col_valid: Tensor | None, mask: Tensor | None) -> None:
         self.row_valid, self.col_valid, self.mask = row_valid, col_valid, mask
@@ -74,28 +103,39 @@ class _ScalingOps:
         colmax = kb.amax(dim=-2, keepdim=True)  # (..., 1, K), in (0, 1] on valid columns
         colmax = torch.where(colmax > 0, colmax, 1.0)
         self.kb = kb.div_(colmax)
-        self.c, self.d = c.squeeze(-1), torch.log(colmax).squeeze(-2)
+        # (..., K, Q) copy: row sums become column sums, accumulated blockwise like them
+        self.kbt = self.kb.transpose(-1, -2).contiguous() if self.kb.dtype != torch.float64 else None
+        self.c = c.squeeze(-1).to(self.vdtype)
+        self.d = torch.log(colmax.squeeze(-2).to(self.vdtype))
 
     def is_safe(self) -> bool:
         """No valid kernel entry below ``tiny ** 0.75`` (host sync): scalings then stay in range."""
         kmin = self.kb if self.mask is None else torch.where(self.mask, self.kb, 1.0)
         return bool(kmin.amin() >= torch.finfo(self.kb.dtype).tiny ** 0.75) if kmin.numel() else True
 
+    def _scaling(self, pot: Tensor) -> Tensor:
+        return torch.exp(pot).to(self.kb.dtype)
+
     def row_lse(self, g: Tensor) -> Tensor:
-        s = torch.matmul(self.kb, torch.exp(self.d + g).unsqueeze(-1)).squeeze(-1)  # (..., Q)
-        return _where_valid(self.c + torch.log(s), self.row_valid)
+        v = self._scaling(self.d + g)  # (..., K)
+        if self.kbt is None:
+            s = torch.matmul(self.kb, v.unsqueeze(-1)).squeeze(-1)  # (..., Q)
+        else:
+            s = _column_sums(v, self.kbt)  # (..., Q) in float64
+        return _where_valid(self.c + torch.log(s.to(self.vdtype)), self.row_valid)
 
     def col_lse(self, f: Tensor) -> Tensor:
-        s = torch.matmul(torch.exp(self.c + f).unsqueeze(-2), self.kb).squeeze(-2)  # (..., K)
-        return _where_valid(self.d + torch.log(s), self.col_valid)
+        s = _column_sums(self._scaling(self.c + f), self.kb)  # (..., K), float64 for float32 kernels
+        return _where_valid(self.d + torch.log(s.to(self.vdtype)), self.col_valid)
 
     def plan(self, g: Tensor) -> tuple[Tensor, Tensor]:
         """Row-normalised plan ``Kb * exp(d + g)`` / row sums, built in place of the kernel."""
-        p = self.kb.mul_(torch.exp(self.d + g).unsqueeze(-2))
-        s = p.sum(dim=-1, keepdim=True)
+        self.kbt = None
+        p = self.kb.mul_(self._scaling(self.d + g).unsqueeze(-2))
+        s = p.sum(dim=-1, keepdim=True, dtype=self.vdtype)
         s = _where_valid(s, None if self.row_valid is None else self.row_valid.unsqueeze(-1), 1.0)
         f = _where_valid(-(self.c + torch.log(s).squeeze(-1)), self.row_valid)
-        return p.div_(s), f
+        return p.div_(s.to(p.dtype)), f.to(p.dtype)
 
 
 class Targets:
@@ -119,7 +159,7 @@ class Targets:
 
 def plan_col_error(p: Tensor, targets: Targets) -> Tensor:
     """Max abs error of the column sums of a plan over its valid columns, ``(...,)``."""
-    err = _where_valid((p.sum(dim=-2) - targets.b).abs(), targets.col_valid)
+    err = _where_valid((p.sum(dim=-2, dtype=torch.float64) - targets.b).abs().to(p.dtype), targets.col_valid)
     return err.amax(dim=-1) if err.shape[-1] else err.sum(dim=-1)
 
 
@@ -147,7 +187,7 @@ def over_relaxed_solve(
 ) -> tuple[Tensor, int, _LogOps | _ScalingOps]:
     """Over-relaxed Sinkhorn (SOR) until every column-marginal error is ``<= tol``.
 
-    Returns the column potentials, the number of iterations and the half-step implementation in use
+    Returns the column potentials (in ``ops.vdtype``), the number of iterations and the half-step implementation in use
     at the end (for the final plan).
 
     Each iteration is ``g <- g + omega (log b - col_lse(f) - g)`` then ``f <- log a - row_lse(g)``
@@ -162,7 +202,8 @@ def over_relaxed_solve(
     Host syncs only at the checks.  ``fallback`` (log-domain ops) takes over from the last checked
     state if the scaling-domain iterates leave the floating-point range.
     """
-    lim = 0.5 * math.log(torch.finfo(g.dtype).max)
+    lim = 0.5 * math.log(torch.finfo(g.dtype).max)  # on the scalings, in the dtype of the kernel
+    g = g.to(ops.vdtype)
     omega = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)  # (...,)
     f = targets.row(ops.row_lse(g))
     prev_err: Tensor | None = None
@@ -176,9 +217,9 @@ def over_relaxed_solve(
             bad = bad | ((ops.c + f).abs().amax() > lim) | ((ops.d + g).abs().amax() > lim)
         worst_v, bad_v = torch.stack([worst, bad.to(worst.dtype)]).tolist()  # the one host sync
         if bad_v and fallback is not None:  # restart in the log domain from the last checked state
-            ops, fallback, g, prev_err = fallback, None, g_ok, None
+            ops, fallback, g, prev_err = fallback, None, g_ok.to(fallback.vdtype), None
             f = targets.row(ops.row_lse(g))
-            omega = torch.ones_like(omega)
+            omega = torch.ones_like(omega, dtype=g.dtype)
             continue
         if worst_v <= tol or done >= max_iters:
             return g, done, ops

@@ -126,6 +126,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
                 ops, targets, g, tol=tol, max_iters=max_iters, check_every=check_every, fallback=fallback
             )
         p, log_u = ops.plan(g)
+        g = g.to(f.dtype)
         err = plan_col_error(p, targets)
         ctx.save_for_backward(p)
         ctx.mark_non_differentiable(log_u, g, err)
