@@ -59,6 +59,9 @@ class _LogOps:
         self.f, self.row_valid, self.col_valid = f, row_valid, col_valid
         self.vdtype = f.dtype  # dtype of the potentials
 
+    def initial_g(self) -> Tensor:
+        return self.f.new_zeros(self.f.shape[:-2] + self.f.shape[-1:]).detach()  # (..., K)
+
     def row_lse(self, g: Tensor) -> Tensor:
         return masked_logsumexp(self.f + g.unsqueeze(-2), self.row_valid, dim=-1)  # (..., Q)
 
@@ -99,14 +102,19 @@ class _ScalingOps:
         self.row_valid, self.col_valid, self.mask = row_valid, col_valid, mask
         c = f.amax(dim=-1, keepdim=True)  # (..., Q, 1)
         c = torch.where(torch.isfinite(c), c, 0.0)
-        kb = torch.exp(f - c)  # (..., Q, K): the one exponential
-        colmax = kb.amax(dim=-2, keepdim=True)  # (..., 1, K), in (0, 1] on valid columns
-        colmax = torch.where(colmax > 0, colmax, 1.0)
-        self.kb = kb.div_(colmax)
+        kb = f - c  # (..., Q, K), balanced in the log domain first: any row/column shift is absorbed
+        d = kb.amax(dim=-2, keepdim=True)  # (..., 1, K)
+        d = torch.where(torch.isfinite(d), d, 0.0)
+        self.kb = kb.sub_(d).exp_()  # the one exponential
         # (..., K, Q) copy: row sums become column sums, accumulated blockwise like them
         self.kbt = self.kb.transpose(-1, -2).contiguous() if self.kb.dtype != torch.float64 else None
         self.c = c.squeeze(-1).to(self.vdtype)
-        self.d = torch.log(colmax.squeeze(-2).to(self.vdtype))
+        self.d = d.squeeze(-2).to(self.vdtype)
+
+    def initial_g(self) -> Tensor:
+        """Column potentials ``-d``: scalings 1 against the balanced kernel (``g = 0`` would put
+        ``exp(d + g)`` out of range when columns are shifted by large constants)."""
+        return _where_valid(-self.d, self.col_valid)
 
     def is_safe(self) -> bool:
         """No valid kernel entry below ``tiny ** 0.75`` (host sync): scalings then stay in range."""
@@ -178,7 +186,6 @@ def _relax(old: Tensor, new: Tensor, omega: Tensor) -> Tensor:
 def over_relaxed_solve(
     ops: _LogOps | _ScalingOps,
     targets: Targets,
-    g: Tensor,
     *,
     tol: float,
     max_iters: int,
@@ -199,11 +206,12 @@ def over_relaxed_solve(
     optimal transport", Thibault et al., arXiv:1711.01851; "A note on overrelaxation in the Sinkhorn
     algorithm", Lehmann et al., arXiv:2012.12562), halved towards 1 when the error grows.
 
-    Host syncs only at the checks.  ``fallback`` (log-domain ops) takes over from the last checked
+    Starts from ``ops.initial_g()``.  Host syncs only at the checks.  ``fallback`` (log-domain ops) takes over from the last checked
     state if the scaling-domain iterates leave the floating-point range.
     """
-    lim = 0.5 * math.log(torch.finfo(g.dtype).max)  # on the scalings, in the dtype of the kernel
-    g = g.to(ops.vdtype)
+    # bound on the log-scalings exp(c + f), exp(d + g) in the kernel's dtype
+    lim = 0.5 * math.log(torch.finfo(ops.kb.dtype).max) if isinstance(ops, _ScalingOps) else math.inf
+    g = ops.initial_g()
     omega = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)  # (...,)
     f = targets.row(ops.row_lse(g))
     prev_err: Tensor | None = None

@@ -123,7 +123,7 @@ class _ImplicitSinkhorn(torch.autograd.Function):
             ops, fallback = (scaling, prob.log_ops) if scaling.is_safe() else (prob.log_ops, None)
             del scaling
             g, done, ops = over_relaxed_solve(
-                ops, targets, g, tol=tol, max_iters=max_iters, check_every=check_every, fallback=fallback
+                ops, targets, tol=tol, max_iters=max_iters, check_every=check_every, fallback=fallback
             )
         p, log_u = ops.plan(g)
         g = g.to(f.dtype)
