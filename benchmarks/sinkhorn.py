@@ -140,8 +140,8 @@ def peak_memory_child(name: str, n: int, std: float) -> None:
 
 
 def peak_memory(name: str, n: int, std: float) -> float:
-    # a fixed mmap threshold makes glibc return every large block on free: RSS follows live memory
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # a fixed 1 MiB mmap threshold makes glibc return every large block on free: RSS follows live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
     out = subprocess.run(
         [sys.executable, __file__, "--child", name, str(n), str(std)],
         capture_output=True,

@@ -140,7 +140,7 @@ class _ScalingOps:
         """Row-normalised plan ``Kb * exp(d + g)`` / row sums, built in place of the kernel."""
         self.kbt = None
         p = self.kb.mul_(self._scaling(self.d + g).unsqueeze(-2))
-        s = p.sum(dim=-1, keepdim=True, dtype=self.vdtype)
+        s = p.sum(dim=-1, keepdim=True).to(self.vdtype)  # cascade summation along the row
         s = _where_valid(s, None if self.row_valid is None else self.row_valid.unsqueeze(-1), 1.0)
         f = _where_valid(-(self.c + torch.log(s).squeeze(-1)), self.row_valid)
         return p.div_(s.to(p.dtype)), f.to(p.dtype)
@@ -167,7 +167,8 @@ class Targets:
 
 def plan_col_error(p: Tensor, targets: Targets) -> Tensor:
     """Max abs error of the column sums of a plan over its valid columns, ``(...,)``."""
-    err = _where_valid((p.sum(dim=-2, dtype=torch.float64) - targets.b).abs().to(p.dtype), targets.col_valid)
+    sums = _column_sums(torch.ones_like(p[..., 0]), p)  # (..., K), float64 across row blocks
+    err = _where_valid((sums - targets.b).abs().to(p.dtype), targets.col_valid)
     return err.amax(dim=-1) if err.shape[-1] else err.sum(dim=-1)
 
 
