@@ -170,9 +170,7 @@ def _sparsemax(logits: torch.Tensor, mask: torch.Tensor | None, **_: Any) -> tor
 def _entmax(
     logits: torch.Tensor, mask: torch.Tensor | None, *, alpha: float | torch.Tensor, n_iter: int, **_: Any
 ) -> torch.Tensor:
-    if isinstance(alpha, torch.Tensor):
-        return ops.entmax_bisect_weights(logits, alpha, mask, n_iter=n_iter)
-    return ops.entmax_weights(logits, alpha=alpha, mask=mask, n_iter=n_iter)
+    return ops.entmax_weights(logits, alpha, mask, max_iters=n_iter)
 
 
 register_regularizer(
