@@ -146,8 +146,8 @@ def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, ma
     bisection of the bracket, and so is, for ``alpha > 2``, a step shorter than a quarter of the
     bracket (near a key entering the support ``T`` is huge and Newton stalls) or longer than half
     the previous step (cycles); there ``p`` is not Lipschitz in ``tau``, so those rows iterate until
-    the step is a few ulps (about as many steps as bisection).  The other rows stop when their step
-    is below ``sqrt(eps)`` (by the quadratic convergence the error after it is then ``O(eps)``);
+    the step is a few ulps (about as many steps as bisection).  The other rows stop once their step
+    is below ``eps^(2/3)`` (the error left is then ``O(eps^(4/3))`` by the quadratic convergence);
     all stop after ``max_iters`` steps; ``p`` is renormalised.
 
     X: ``(..., Q, K)`` from :func:`_shifted_scaled_rows`; am1 = alpha - 1 (float or ``(..., Q, 1)``);
@@ -164,8 +164,6 @@ def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, ma
     else:
         nonconvex = am1 > 1.0
     eps = torch.finfo(X.dtype).eps
-    # where p = t^r is not Lipschitz in tau (r < 1), tau to round-off
-    stop = eps**0.5 if nonconvex is None else torch.where(nonconvex, 4 * eps, eps**0.5)
     check = not torch.compiler.is_compiling()
     step = hi - lo  # the last step taken (the bracket before the first)
     t = torch.empty_like(X)
@@ -190,7 +188,10 @@ def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, ma
         new = torch.where(inside, new, (lo + hi) / 2)
         step = (new - tau).abs()
         tau = new
-        if check and bool((step <= stop).all()):
+        done = step <= eps ** (2.0 / 3.0)
+        if nonconvex is not None:
+            done = torch.where(nonconvex, step <= 4 * eps, done)
+        if check and bool(done.all()):
             break
     p = torch.sub(X, tau, out=t).clamp_(min=0.0)
     p.pow_(r)
