@@ -13,7 +13,7 @@ def test_round_trip_is_lossless() -> None:
     )
     data = config.to_dict()
     assert data["default"] == {"regularizer": "entmax", "alpha": 1.2, "epsilon": 1.0, "learn_alpha": False,
-                               "n_iter": 50, "prior": None}
+                               "max_iters": 50, "prior": None}
     assert EOTAttentionConfig.from_dict(data) == config
 
 

@@ -85,7 +85,7 @@ def test_learned_alpha_tensor_is_differentiable() -> None:
     """A per-head alpha tensor flows through attention_weights with gradients (gradcheck, float64)."""
     scores = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     alpha = torch.tensor([1.3, 1.7], dtype=torch.float64).view(2, 1, 1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, a: attention_weights(s, "entmax", alpha=a, n_iter=60), (scores, alpha))
+    assert torch.autograd.gradcheck(lambda s, a: attention_weights(s, "entmax", alpha=a, max_iters=60), (scores, alpha))
 
 
 def test_mask_must_be_boolean() -> None:

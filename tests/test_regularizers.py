@@ -26,7 +26,7 @@ def test_duplicate_registration_is_refused() -> None:
         register_regularizer(REGISTRY["softmax"])
 
 
-def test_only_sinkhorn_couples_queries_and_only_ot_uses_templates() -> None:
+def test_only_sinkhorn_couples_queries_and_only_ot_needs_templates() -> None:
     """The flags that the Transformers glue relies on are set on the right entries."""
     assert [n for n, r in REGISTRY.items() if r.couples_queries] == ["sinkhorn"]
-    assert [n for n, r in REGISTRY.items() if r.uses_templates] == ["ot"]
+    assert [n for n, r in REGISTRY.items() if r.needs_templates] == ["ot"]

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModel, BertModel
 
 import hf_eot
-from hf_eot.integration.modules import attention_modules, layer_index, module_part, module_spec
+from hf_eot.integration.modules import attention_modules, layer_index, module_part
+from hf_eot.integration.parameters import module_spec
 
 from .models import bert_config, build, padded_tokens, t5_config, vit_config
 
@@ -24,7 +25,7 @@ from .models import bert_config, build, padded_tokens, t5_config, vit_config
         ({"regularizer": "entmax", "alpha": 2.5, "learn_alpha": True}, r"learn_alpha=True"),
         ({"regularizer": "sinkhorn", "n_iters": 0}, r"invalid n_iters=0 .*int >= 1"),
         ({"regularizer": "softmax", "prior": "rope"}, r"invalid prior='rope' .*\['alibi', 'relative_buckets'\]"),
-        ({"regularizer": "softmax", "layers": [2]}, r"invalid layers=\[2\]: this model has layers 0..1"),
+        ({"regularizer": "softmax", "layers": [2]}, r"invalid layers=\[2\]: this bert model has layers 0..1"),
         ({"regularizer": "softmax", "layers": [-1]}, r"invalid layers=\[-1\]"),
         ({"regularizer": "softmax", "part": "decoder"}, r"invalid part='decoder': .*\['encoder'\]"),
         ({"regularizer": "softmax", "part": "middle"}, r"invalid part='middle'; valid choices"),
