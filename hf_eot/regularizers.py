@@ -181,6 +181,15 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def _show(value: Any) -> str:
+    """A one-line repr (tensors: their first values and shape)."""
+    if isinstance(value, torch.Tensor):
+        values = value.detach().flatten()[:6].tolist()
+        more = ", ..." if value.numel() > 6 else ""
+        return f"tensor({values}{more}, shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
 def validate_params(name: str, params: Mapping[str, Any], *, allow_tensors: bool = False) -> dict[str, Any]:
     """Check ``params`` for regularizer ``name`` and return them completed with the defaults.
 
@@ -203,12 +212,12 @@ def validate_params(name: str, params: Mapping[str, Any], *, allow_tensors: bool
         if isinstance(value, torch.Tensor):
             if not (allow_tensors and p.tensor_check is not None):
                 raise ValueError(
-                    f"invalid {p.name}={value!r} for regularizer {name!r}: expected {p.valid} "
+                    f"invalid {p.name}={_show(value)} for regularizer {name!r}: expected {p.valid} "
                     "(a single number, not a tensor)"
                 )
             if not p.tensor_check(value):
                 raise ValueError(
-                    f"invalid {p.name}={value!r} for regularizer {name!r}: expected a floating tensor with every "
+                    f"invalid {p.name}={_show(value)} for regularizer {name!r}: expected a floating tensor with every "
                     f"value {p.valid}"
                 )
         else:

@@ -146,16 +146,17 @@ def _mask_padded_queries(mask: torch.Tensor) -> torch.Tensor:
 
 def _refuse_coupled_queries(name: str, module: nn.Module, part: str, call_causal: bool) -> None:
     """A map that couples queries cannot run where queries come one at a time (causal calls, decoders,
-    cross-attention): later tokens would change earlier ones."""
+    cross-attention): later tokens would change earlier ones.  The advice names ``part='encoder'`` only
+    when the model has a non-causal encoder part elsewhere."""
     try:
         has_encoder = "encoder" in model_parts(module.config)
     except ValueError:
         has_encoder = False
     where = "a causal attention call" if call_causal else f"the {part} attention"
-    advice = (
-        "use it for encoder self-attention only: hf_eot.configure(model, "
-        f"{name!r}, part='encoder')" if has_encoder else "this model has no non-causal encoder part to use it in"
-    )
+    if has_encoder and part != "encoder":
+        advice = f"use it for encoder self-attention only: hf_eot.configure(model, {name!r}, part='encoder')"
+    else:
+        advice = "use it only on attention that is neither causal nor cross-attention"
     raise ValueError(
         f"regularizer {name!r} couples all queries through its column marginals, so in {where} (layer "
         f"{layer_index(module)}) later tokens would change earlier ones (and generate() with a KV cache would "
