@@ -114,7 +114,6 @@ class Regularizer:
 
     Attributes:
         name: the registry key.
-        omega: the regularizer ``Omega(p)`` in words (documentation).
         params: accepted parameters.
         weights: ``weights(scores, mask, log_prior, **params) -> WeightsOutput``; ``params`` are the
             validated non-config-only parameters, plus ``template_gram`` and ``hidden_size`` for maps that
@@ -127,7 +126,6 @@ class Regularizer:
     """
 
     name: str
-    omega: str
     params: tuple[Param, ...]
     weights: Callable[..., WeightsOutput]
     check: Callable[[Mapping[str, Any]], None] = _no_check
@@ -280,19 +278,20 @@ def _logits(scores: torch.Tensor, log_prior: torch.Tensor | None, epsilon: float
 def _softmax(
     scores: torch.Tensor, mask: torch.Tensor | None, log_prior: torch.Tensor | None, *, epsilon: float
 ) -> WeightsOutput:
+    """``Omega = -epsilon H(p)`` (``epsilon KL(p || pi)`` with a prior): ``softmax(scores / epsilon + log pi)``."""
     return WeightsOutput(ops.softmax_weights(_logits(scores, log_prior, epsilon), mask))
 
 
 def _sparsemax(
     scores: torch.Tensor, mask: torch.Tensor | None, log_prior: torch.Tensor | None, *, epsilon: float
 ) -> WeightsOutput:
+    """``Omega = epsilon / 2 ||p||^2``: Euclidean projection onto the simplex (Martins & Astudillo 2016)."""
     return WeightsOutput(ops.sparsemax_weights(_logits(scores, log_prior, epsilon), mask))
 
 
 register_regularizer(
     Regularizer(
         name="softmax",
-        omega="-epsilon * H(p)  (epsilon * KL(p || pi) with a prior)",
         params=(EPSILON, PRIOR),
         weights=_softmax,
     )
@@ -300,7 +299,6 @@ register_regularizer(
 register_regularizer(
     Regularizer(
         name="sparsemax",
-        omega="epsilon / 2 * ||p||^2  (Martins & Astudillo 2016)",
         params=(EPSILON, PRIOR),
         weights=_sparsemax,
     )
@@ -321,6 +319,7 @@ def _entmax(
     alpha: float | torch.Tensor,
     max_iters: int,
 ) -> WeightsOutput:
+    """``Omega = epsilon (sum_j p_j^alpha - 1) / (alpha (alpha - 1))`` (Tsallis; Peters et al. 2019, eq. (9))."""
     logits = _logits(scores, log_prior, epsilon)
     return WeightsOutput(ops.entmax_weights(logits, alpha, mask, **{_ENTMAX_ITERS: max_iters}))
 
@@ -343,7 +342,6 @@ def _entmax_learned(params: Mapping[str, Any]) -> tuple[LearnedParameter, ...]:
 register_regularizer(
     Regularizer(
         name="entmax",
-        omega="epsilon * Tsallis_alpha(p) = epsilon * (sum_j p_j^alpha - 1) / (alpha (alpha - 1))",
         params=(
             EPSILON,
             Param(
@@ -386,6 +384,8 @@ def _sinkhorn(
     max_iters: int,
     grad: str,
 ) -> WeightsOutput:
+    """``Omega = -epsilon H(P)`` with both marginals fixed: doubly stochastic attention (Sander et al. 2022,
+    "Sinkformers"; Cuturi 2013)."""
     # kernel exp(scores / epsilon + log_prior) = exp((scores + epsilon * log_prior) / epsilon): the solver
     # gets the user's epsilon, so that its non-convergence advice speaks of the user's value
     if log_prior is not None:
@@ -401,7 +401,6 @@ def _sinkhorn(
 register_regularizer(
     Regularizer(
         name="sinkhorn",
-        omega="-epsilon * H(P) with both marginals fixed (doubly stochastic attention; Sander et al. 2022)",
         params=(
             EPSILON,
             Param(
@@ -438,6 +437,8 @@ def _ot(
     template_gram: torch.Tensor | None = None,
     hidden_size: int | None = None,
 ) -> WeightsOutput:
+    """``Omega = W_gamma(p, u; M)``, the gamma-entropic OT distance to the preference ``u`` with the cost
+    ``M(a, b) = -<a, b> + C`` over the templates (keys): Section 9, eq. (22), Appendix D eq. (44)."""
     if template_gram is None:
         raise ValueError("the 'ot' regularizer needs template_gram (the Gram matrix of the keys)")
     if gamma is None:
@@ -454,7 +455,6 @@ def _ot(
 register_regularizer(
     Regularizer(
         name="ot",
-        omega="gamma-entropic OT distance W_gamma(p, u; M), M(a, b) = -<a, b> + C (Section 9, eq. (22), (44))",
         params=(
             Param("alpha", 1.0, _positive, "a finite float > 0", "evidence strength (eq. (3))"),
             Param(
