@@ -123,6 +123,8 @@ class Regularizer:
         couples_queries: the map is not row-separable (Sinkhorn's column marginals tie all queries), so it
             cannot be used where queries are produced one at a time (causal calls, cross-attention).
         needs_templates: the map needs the Gram matrix of the keys (the OT-based attention).
+        is_sdpa: the map of ``scores / epsilon + the model's own bias`` is SDPA's softmax with the scale
+            divided by epsilon, so a model may run it on the fused kernel when no named prior is added.
     """
 
     name: str
@@ -132,6 +134,7 @@ class Regularizer:
     learned: Callable[[Mapping[str, Any]], tuple[LearnedParameter, ...]] = _nothing_learned
     couples_queries: bool = False
     needs_templates: bool = False
+    is_sdpa: bool = False
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -294,6 +297,7 @@ register_regularizer(
         name="softmax",
         params=(EPSILON, PRIOR),
         weights=_softmax,
+        is_sdpa=True,
     )
 )
 register_regularizer(
