@@ -513,7 +513,7 @@ def cmd_analyze(args) -> int:
             job.inputs,
             alpha=args.alpha,
             tol=args.tol,
-            max_iter=args.max_iter,
+            max_iters=args.max_iter,
             batch_size=args.batch_size,
             progress=main_proc and not args.quiet,
             model_name=job.label,

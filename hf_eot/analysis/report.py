@@ -87,7 +87,7 @@ def _pooled(component) -> dict[str, float]:
 
 def interpretation(result) -> str:
     """A paragraph per component that puts the numbers next to the paper's claim."""
-    from .analyze import COMPONENT_TITLES
+    from .mapping import COMPONENT_TITLES
 
     paras = []
     for name, comp in result.components.items():
@@ -151,7 +151,7 @@ def markdown_report(
     result, directory: str | Path, figures: dict[str, dict[str, Path]] | None = None, raw: bool = True
 ) -> str:
     """The report text; figure links are relative to `directory` (where the report will live)."""
-    from .analyze import COMPONENT_TITLES
+    from .mapping import COMPONENT_TITLES
 
     directory = Path(directory)
     meta = result.meta

@@ -393,18 +393,15 @@ def test_accelerate_launch_splits_and_gathers(bert_ckpt, texts, tmp_path):
     assert math.isclose(b.meta["problems"], a.meta["problems"])
 
 
-def test_non_softmax_attention_is_flagged(tiny):
-    """A layer whose attention is not a softmax (an hf_eot sparsemax layer) fails the mapping check, and
-    the report says that the paper's mapping does not describe it."""
+def test_non_softmax_attention_is_refused_naming_the_regularizer(tiny):
+    """A layer whose attention is not a softmax (an hf_eot sparsemax layer) is refused before any work:
+    the Fenchel dual describes softmax attention only."""
     import hf_eot
-    from hf_eot.analysis.report import interpretation
 
     model = tiny.bert("eot")
     hf_eot.configure(model, "sparsemax", layers=[1])
-    r = analyze(model, tiny.text_batch())
-    err = r.encoder.head_metrics["mapping_error"]
-    assert float(err[1].min()) > 1e-3
-    assert "Caution: in layer(s) 1" in interpretation(r)
+    with pytest.raises(ValueError, match="encoder layer 1 runs 'sparsemax' attention"):
+        analyze(model, tiny.text_batch())
 
 
 def test_cli_attention_choice_for_hf_eot_checkpoints():
