@@ -410,7 +410,7 @@ def test_non_softmax_attention_is_flagged(tiny):
 def test_cli_attention_choice_for_hf_eot_checkpoints():
     """--attn-implementation auto: eager for plain models and for hf_eot configs that are plain softmax
     everywhere (same function, weights available), "eot" otherwise; an explicit name wins."""
-    from hf_eot.cli import choose_attn_implementation
+    from hf_eot.analysis.inputs import choose_attn_implementation
 
     softmax = {
         "default": {"regularizer": "softmax", "epsilon": 1.0, "prior": None},
