@@ -350,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for a usage or input error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument already reported in one line
+        return e.code if isinstance(e.code, int) else 0
     if args.command is None:
         parser.print_help()
         return 2

@@ -60,7 +60,10 @@ class RegularizerComparison:
 
 
 def _check_encoder_only(model_path: str) -> None:
-    """Refuses, from the config alone, encoder-decoder and image models."""
+    """Refuses encoder-decoder, image and causal models before any weights are loaded (the causal
+    check builds the model on the meta device and reads its attention modules' ``is_causal``)."""
+    from transformers import AutoConfig, AutoModel
+
     from .analysis.inputs import auto_model_class, read_model_config
 
     config = read_model_config(Path(model_path))
@@ -78,15 +81,17 @@ def _check_encoder_only(model_path: str) -> None:
             f"{model_path} is not a text model ({model_type} reads {cls.main_input_name}); compare runs "
             "encoder-only text models such as BERT"
         )
-
-
-def _check_not_causal(model: torch.nn.Module, model_path: str) -> None:
-    if getattr(model.config, "is_decoder", False) or any(
-        getattr(m, "is_causal", False) is True for m in model.modules()
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(AutoConfig.from_pretrained(model_path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ComparisonError(f"{model_path}: cannot build the model from its config ({e})") from e
+    if getattr(skeleton.config, "is_decoder", False) or any(
+        getattr(m, "is_causal", False) is True for m in skeleton.modules()
     ):
         raise ComparisonError(
-            f"{model_path} has causal (decoder) attention ({model.config.model_type}); compare runs "
-            "encoder-only text models such as BERT"
+            f"{model_path} has causal (decoder) attention ({model_type}); compare runs encoder-only "
+            "text models such as BERT"
         )
 
 
@@ -102,7 +107,20 @@ def compare_regularizers(
 ) -> list[RegularizerComparison]:
     """Load ``model_path`` (a BERT-like encoder) once per setting and compare it with ``"sdpa"``.
 
-    ``progress`` shows a progress bar over the settings (on stderr, labelled ``desc``)."""
+    ``progress`` shows a progress bar over the settings (on stderr, labelled ``desc``); Transformers'
+    own loading bars are silenced meanwhile (the model is loaded once per setting)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _compare(model_path, texts, settings, max_length, progress, desc)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _compare(model_path, texts, settings, max_length, progress, desc) -> list[RegularizerComparison]:
     from tqdm.auto import tqdm
     from transformers import AutoModel
 
@@ -112,13 +130,12 @@ def compare_regularizers(
         raise ValueError("compare_regularizers needs at least one text")
     _check_encoder_only(model_path)
     tokenizer = load_tokenizer(Path(model_path))
-    reference = AutoModel.from_pretrained(model_path, attn_implementation="sdpa").eval()
-    _check_not_causal(reference, model_path)
     if tokenizer.pad_token is None and len(texts) > 1:
         raise ComparisonError(f"{model_path}: the tokenizer has no padding token, needed to batch the texts")
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     check_vocabulary(tokenizer, batch["input_ids"].tolist(), Path(model_path))
     real = batch["attention_mask"].bool()  # (B, L)
+    reference = AutoModel.from_pretrained(model_path, attn_implementation="sdpa").eval()
     expected = reference(**batch).last_hidden_state
     expected_pooled = _mean_pool(expected, real)
 
