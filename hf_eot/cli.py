@@ -180,17 +180,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         model.to(state.device)
         n = next(iter(job.inputs.values())).shape[0]
         say(f"[{job.label}] solving the dual for every layer, head and query of {n} examples")
-        result = analyze(
-            model,
-            job.inputs,
-            alpha=args.alpha,
-            tol=args.tol,
-            max_iter=args.max_iter,
-            batch_size=args.batch_size,
-            progress=main_proc and not args.quiet,
-            model_name=job.label,
-            examples=job.examples,
-        )
+        try:
+            result = analyze(
+                model,
+                job.inputs,
+                alpha=args.alpha,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                batch_size=args.batch_size,
+                progress=main_proc and not args.quiet,
+                model_name=job.label,
+                examples=job.examples,
+            )
+        except ValueError as e:  # analyze's documented refusals (e.g. attention it has no dual for)
+            raise CLIError(f"{job.label}: {e}") from e
         del model  # free memory before the next model
         result.meta["model_path"] = display_path(job.label, job.path)
         if job.image_source:
