@@ -13,13 +13,8 @@ attention modules of the model it is given); matplotlib is imported only by :mod
 """
 
 from .analyze import HEAD_METRICS, QUERY_METRICS, AnalysisInputError, AnalysisResult, ComponentResult, analyze
-from .dual import (
-    FenchelDualResult,
-    dual_objective,
-    fenchel_dual,
-    gradient_ascent_dual,
-    quadratic_approximation,
-)
+from .dual import DualSettings, FenchelDualResult, fenchel_dual, second_order_approximation
+from .objective import dual_objective
 from .eot import (
     EOTCertificates,
     PolicyGradientCheck,
@@ -46,6 +41,7 @@ __all__ = [
     "ArchitectureSpec",
     "ComponentResult",
     "DualProblems",
+    "DualSettings",
     "EOTCertificates",
     "FenchelDualResult",
     "PolicyGradientCheck",
@@ -57,9 +53,8 @@ __all__ = [
     "eot_certificates",
     "fenchel_dual",
     "fisher_information",
-    "gradient_ascent_dual",
     "policy_gradient_check",
-    "quadratic_approximation",
+    "second_order_approximation",
     "register_architecture",
     "supported_model_types",
     "write_report",
