@@ -398,7 +398,7 @@ def _sinkhorn(
     result = ops.sinkhorn_weights(
         scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, **extra
     )
-    n_iters_done = torch.as_tensor(result.n_iters, device=result.weights.device)
+    n_iters_done = torch.as_tensor(result.n_iters)  # an int stays on the host: no device copy per call
     return WeightsOutput(result.weights, {"marginal_error": result.marginal_error, "n_iters": n_iters_done})
 
 
