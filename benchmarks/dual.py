@@ -172,7 +172,7 @@ def ga_autograd(t, z, u, tol, max_iters=100_000):
     return lam.detach(), max_iters
 
 
-def ga_numpy(t, z, u, tol, max_iter=100_000):
+def ga_numpy(t, z, u, tol, max_iters=100_000):
     """A lean per-problem gradient ascent in numpy (same step, start and stopping rule)."""
     T, zz = t.numpy(), z.numpy()
     uu = (u / u.sum()).numpy()
@@ -188,7 +188,7 @@ def ga_numpy(t, z, u, tol, max_iter=100_000):
         if np.linalg.norm(grad) <= stop:
             return torch.from_numpy(lam), it
         lam += step * grad
-    return torch.from_numpy(lam), max_iter
+    return torch.from_numpy(lam), max_iters
 
 
 def lbfgs_solve(t, z, u, tol):

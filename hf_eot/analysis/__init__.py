@@ -21,7 +21,6 @@ attention modules of the model it is given); matplotlib is imported only by :mod
 
 from .analyze import HEAD_METRICS, QUERY_METRICS, AnalysisInputError, AnalysisResult, ComponentResult, analyze
 from .dual import DualSettings, FenchelDualResult, fenchel_dual, second_order_approximation
-from .objective import dual_objective
 from .eot import (
     EOTCertificates,
     PolicyGradientCheck,
@@ -38,6 +37,7 @@ from .mapping import (
     register_architecture,
     supported_model_types,
 )
+from .objective import dual_objective
 from .report import write_report
 
 __all__ = [

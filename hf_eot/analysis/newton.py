@@ -207,7 +207,7 @@ def newton_span(
         # directional derivative of g along the step: grad_lam g . (alpha T^T step) = -alpha F^T G step
         slope = -alpha * (F * Gstep).sum(-1)
 
-        def evaluate(t, step=step, Gstep=Gstep):
+        def evaluate(t, step=step, Gstep=Gstep, beta=beta, Gb=Gb):
             tt = t.unsqueeze(-1)
             Gb1 = Gb + tt * Gstep
             return span_value(beta + tt * step, Gb1, cu, Gu, zz, log_u + alpha * (c + Gb1), alpha)
@@ -249,13 +249,11 @@ def newton_full(
         step = torch.where(active.unsqueeze(-1), step, torch.zeros_like(step))
         slope = (terms.grad * step).sum(-1)
 
-        def evaluate(t, step=step):
+        def evaluate(t, step=step, lam=lam):
             trial = dual_terms(lam + t.unsqueeze(-1) * step, T, z, log_u, alpha)
             return trial.value, trial.roundoff
 
-        t, ok, _ = backtrack(
-            (terms.value, terms.roundoff), slope, ulp * terms.roundoff, evaluate, active
-        )
+        t, ok, _ = backtrack((terms.value, terms.roundoff), slope, ulp * terms.roundoff, evaluate, active)
         lam = lam + torch.where(ok, t, torch.zeros_like(t)).unsqueeze(-1) * step
         terms = dual_terms(lam, T, z, log_u, alpha)
         n_iters += active.to(torch.int64)

@@ -244,7 +244,10 @@ def test_row_without_support_is_nan_and_reported():
         ({"log_u": torch.tensor([0.0, math.nan, -math.inf], dtype=D)}, "log_u contains NaN"),
         ({"log_u": torch.tensor([0.0, math.inf, 0.0], dtype=D)}, "log_u contains NaN or \\+inf"),
         ({"z": torch.zeros(0, 4, dtype=D)}, "batch is empty"),
-        ({"z": torch.zeros(2, 4, dtype=D), "u": torch.ones(3, 3, dtype=D)}, r"do not broadcast.*z \(2,\).*u \(3,\)"),
+        (
+            {"z": torch.zeros(2, 4, dtype=D), "u": torch.ones(3, 3, dtype=D)},
+            r"do not broadcast.*z \(2,\).*u \(3,\)",
+        ),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(kwargs, match):
@@ -323,5 +326,7 @@ def test_second_order_is_one_newton_step_from_zero():
     lam2 = second_order_approximation(t, z, u, alpha)
     _, grad0 = dual_objective(torch.zeros(8, dtype=D), t, z, u, alpha)
     torch.testing.assert_close(grad0, z, rtol=1e-12, atol=1e-12)
-    hess = torch.autograd.functional.hessian(lambda lam: dual_objective(lam, t, z, u, alpha)[0], torch.zeros(8, dtype=D))
+    hess = torch.autograd.functional.hessian(
+        lambda lam: dual_objective(lam, t, z, u, alpha)[0], torch.zeros(8, dtype=D)
+    )
     torch.testing.assert_close(-hess @ lam2, z, rtol=1e-10, atol=1e-12)
