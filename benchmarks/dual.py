@@ -155,24 +155,24 @@ def _step_size(T):
     return 1.0 / (1.0 + max(float(d2.max()), 0.0) / 4)
 
 
-def ga_autograd(t, z, u, tol, max_iter=100_000):
+def ga_autograd(t, z, u, tol, max_iters=100_000):
     """The paper's procedure as one would write it in PyTorch: autograd on g, fixed-step ascent."""
     from hf_eot.analysis import dual_objective
 
     step = _step_size(t)
     lam = z.clone().requires_grad_(True)
     znorm = float(z.norm())
-    for it in range(max_iter):
+    for it in range(max_iters):
         value, _ = dual_objective(lam, t, z, u, 1.0)
         (grad,) = torch.autograd.grad(value, lam)
         if float(grad.norm()) <= tol * znorm:
             return lam.detach(), it
         with torch.no_grad():
             lam += step * grad
-    return lam.detach(), max_iter
+    return lam.detach(), max_iters
 
 
-def ga_numpy(t, z, u, tol, max_iter=100_000):
+def ga_numpy(t, z, u, tol, max_iters=100_000):
     """A lean per-problem gradient ascent in numpy (same step, start and stopping rule)."""
     T, zz = t.numpy(), z.numpy()
     uu = (u / u.sum()).numpy()
@@ -181,14 +181,14 @@ def ga_numpy(t, z, u, tol, max_iter=100_000):
     step = _step_size(T)
     lam = zz.copy()
     stop = tol * float(np.linalg.norm(zz))
-    for it in range(max_iter):
+    for it in range(max_iters):
         s = logu + T @ lam
         e = np.exp(s - s.max())
         grad = b - lam - (e / e.sum()) @ T
         if np.linalg.norm(grad) <= stop:
             return torch.from_numpy(lam), it
         lam += step * grad
-    return torch.from_numpy(lam), max_iter
+    return torch.from_numpy(lam), max_iters
 
 
 def lbfgs_solve(t, z, u, tol):

@@ -367,7 +367,9 @@ def fenchel_dual(
         val = torch.empty_like(gn)
         for gs, ps in lay.chunks(chunk_size):
             sl = (gs, ps)
-            out = newton_span(G[gs], c[sl], lu[sl], zz[sl], alpha, settings.tol, settings.max_iters, linear_solver)
+            out = newton_span(
+                G[gs], c[sl], lu[sl], zz[sl], alpha, settings.tol, settings.max_iters, linear_solver
+            )
             beta[sl], pw[sl], it[sl], gn[sl], val[sl] = out
             if settings.second_order:
                 beta2[sl] = _second_order_span(G[gs], c[sl], lu[sl], alpha, linear_solver)
@@ -402,7 +404,9 @@ def fenchel_dual(
             flat(reldev)[start:stop] = (lam - alpha * zc).norm(dim=-1) / lam_norm
             flat(n_iters)[start:stop], flat(gnorm)[start:stop] = it, gn
             if second is not None:
-                flat(second)[start:stop] = (lam - _second_order_dense(tc, zc, lc, alpha)).norm(dim=-1) / lam_norm
+                flat(second)[start:stop] = (lam - _second_order_dense(tc, zc, lc, alpha)).norm(
+                    dim=-1
+                ) / lam_norm
             if lam_out is not None:
                 flat(lam_out)[start:stop] = lam
 

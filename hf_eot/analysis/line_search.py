@@ -41,7 +41,7 @@ def backtrack(
             break
         trial = evaluate(t)
         ok = pending & (trial[0] >= current[0] + ARMIJO * t * slope - slack)
-        current = tuple(torch.where(ok, new, old) for new, old in zip(trial, current))
+        current = tuple(torch.where(ok, new, old) for new, old in zip(trial, current, strict=True))
         accepted |= ok
         pending &= ~ok
         t = torch.where(pending, 0.5 * t, t)

@@ -54,7 +54,9 @@ class DualTerms:
     roundoff: torch.Tensor  # (...)
 
 
-def dual_terms(lam: torch.Tensor, t: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor, alpha: float) -> DualTerms:
+def dual_terms(
+    lam: torch.Tensor, t: torch.Tensor, z: torch.Tensor, log_u: torch.Tensor, alpha: float
+) -> DualTerms:
     """Eq. (7) and its gradient at ``lam: (..., d)`` for templates ``t: (..., n, d)``, ``z: (..., d)`` and
     normalized ``log_u: (..., n)``. Differentiable."""
     u = torch.exp(log_u)

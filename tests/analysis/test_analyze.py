@@ -64,11 +64,15 @@ def test_split_sensitivity_and_second_order_are_reported(tiny, factory):
     assert r.meta["splits"] == dict(SPLITS)
     for comp in r.components.values():
         real = comp.query_mask[None, None].expand_as(comp.relative_deviation)
-        for key in ("relative_deviation_unscaled_templates", "relative_deviation_unscaled_evidence",
-                    "second_order_deviation"):
+        for key in (
+            "relative_deviation_unscaled_templates",
+            "relative_deviation_unscaled_evidence",
+            "second_order_deviation",
+        ):
             assert torch.isfinite(comp.metrics[key][real]).all(), key
         row = comp.layer_table()[0]
         assert {"second_order_mean", "unscaled_templates_mean", "unscaled_evidence_mean"} <= set(row)
         # t_i = x_i differs from the paper's split (the dual changes with the split, the attention not)
-        assert not torch.allclose(comp.metrics["relative_deviation_unscaled_templates"][real],
-                                  comp.relative_deviation[real])
+        assert not torch.allclose(
+            comp.metrics["relative_deviation_unscaled_templates"][real], comp.relative_deviation[real]
+        )

@@ -234,10 +234,25 @@ def test_row_without_support_is_nan_and_reported():
         ({"method": "lbfgs"}, "method must be one of"),
         ({"linear_solver": "qr"}, "linear_solver"),
         ({"tol": 0.0}, "tol"),
-        ({"max_iter": 0}, "max_iter"),
+        ({"max_iters": 0}, "max_iters"),
+        ({"chunk_size": -1}, "chunk_size"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"max_iter": 5}, "unknown option"),
+        ({"t": torch.tensor([[0.0, 1, 2, math.nan]] * 3, dtype=D)}, "t contains NaN"),
+        ({"z": torch.tensor([0.0, math.inf, 1, 2], dtype=D)}, "z contains NaN or inf"),
+        ({"u": torch.tensor([1.0, math.nan, 1], dtype=D)}, "u contains NaN"),
+        ({"log_u": torch.tensor([0.0, math.nan, -math.inf], dtype=D)}, "log_u contains NaN"),
+        ({"log_u": torch.tensor([0.0, math.inf, 0.0], dtype=D)}, "log_u contains NaN or \\+inf"),
+        ({"z": torch.zeros(0, 4, dtype=D)}, "batch is empty"),
+        (
+            {"z": torch.zeros(2, 4, dtype=D), "u": torch.ones(3, 3, dtype=D)},
+            r"do not broadcast.*z \(2,\).*u \(3,\)",
+        ),
     ],
 )
-def test_bad_inputs_raise(kwargs, match):
+def test_bad_inputs_raise_naming_the_argument(kwargs, match):
+    """Invalid shapes, settings and non-finite data raise a ValueError that names the argument (a negative
+    or zero chunk_size used to return uninitialised memory marked as converged)."""
     args = {"t": torch.randn(3, 4, dtype=D), "z": torch.randn(4, dtype=D)}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
@@ -311,5 +326,7 @@ def test_second_order_is_one_newton_step_from_zero():
     lam2 = second_order_approximation(t, z, u, alpha)
     _, grad0 = dual_objective(torch.zeros(8, dtype=D), t, z, u, alpha)
     torch.testing.assert_close(grad0, z, rtol=1e-12, atol=1e-12)
-    hess = torch.autograd.functional.hessian(lambda lam: dual_objective(lam, t, z, u, alpha)[0], torch.zeros(8, dtype=D))
+    hess = torch.autograd.functional.hessian(
+        lambda lam: dual_objective(lam, t, z, u, alpha)[0], torch.zeros(8, dtype=D)
+    )
     torch.testing.assert_close(-hess @ lam2, z, rtol=1e-10, atol=1e-12)

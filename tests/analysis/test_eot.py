@@ -1,4 +1,5 @@
-"""EOT certificates and the policy-gradient identity (hf_eot.analysis.eot), paper 000."""
+"""EOT certificates and the policy-gradient identity (hf_eot.analysis.eot), after "Scaled-Dot-Product
+Attention as One-Sided Entropic Optimal Transport" (Litman, arXiv:2508.08369)."""
 
 import math
 
