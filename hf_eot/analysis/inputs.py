@@ -335,6 +335,7 @@ def plan_jobs(
         model_type = str(config.get("model_type"))
         get_architecture(model_type)  # UnsupportedModelError for unmapped model types
         cls = _base_class(config)
+        forward = inspect.signature(cls.forward).parameters if cls is not None else {}
         modality = "image" if getattr(cls, "main_input_name", "input_ids") == "pixel_values" else "text"
         job = Job(
             label=label,
@@ -343,7 +344,7 @@ def plan_jobs(
             model_type=model_type,
             modality=modality,
             attn_implementation=choose_attn_implementation(config, attn_implementation),
-            encoder_decoder=cls is not None and "decoder_input_ids" in inspect.signature(cls.forward).parameters,
+            encoder_decoder="decoder_input_ids" in forward,
         )
         if modality == "text":
             if images is not None and explicit:

@@ -122,7 +122,10 @@ def _writable_anchor(out: Path) -> Path:
 
 
 def check_output_folder(
-    out: str | os.PathLike, labels: Sequence[str], model_dirs: Sequence[str | os.PathLike] = (), index: bool = False
+    out: str | os.PathLike,
+    labels: Sequence[str],
+    model_dirs: Sequence[str | os.PathLike] = (),
+    index: bool = False,
 ) -> Path:
     """Refuses an output folder that would receive results by overwriting or deleting anything this
     module did not write, or that is (or lies inside) a model folder. Returns the resolved folder.
