@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from . import AnalysisInputError
 from .mapping import get_architecture
@@ -29,7 +28,9 @@ from .mapping import get_architecture
 __all__ = [
     "DEFAULT_CHECKPOINTS",
     "PACKAGED_MODEL",
+    "TOKENIZER_FILES",
     "Job",
+    "add_generated_decoder_inputs",
     "auto_model_class",
     "builtin_sentences",
     "check_vocabulary",
@@ -43,6 +44,8 @@ __all__ = [
     "packaged_model_path",
     "plan_jobs",
     "prepare_inputs",
+    "read_model_config",
+    "read_text_file",
     "read_texts",
     "resolve_model",
 ]
@@ -305,7 +308,6 @@ class Job:
     inputs: dict | None = None
     examples: list[str] = field(default_factory=list)
     encoder_decoder: bool = False  # the model's forward takes decoder inputs (T5ForConditionalGeneration)
-    tokenizer: Any = None
 
     @property
     def generates_decoder_inputs(self) -> bool:
@@ -440,7 +442,7 @@ def prepare_inputs(
     if cls is not None:
         accepted = inspect.signature(cls.forward).parameters
         enc = {k: v for k, v in enc.items() if k in accepted}
-    job.inputs, job.examples, job.tokenizer = enc, list(job.texts), tok
+    job.inputs, job.examples = enc, list(job.texts)
 
 
 def add_generated_decoder_inputs(job: Job, model, max_new_tokens: int) -> None:
