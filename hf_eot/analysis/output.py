@@ -82,7 +82,7 @@ def _foreign_entry(folder: Path) -> str | None:
     """The first entry of `folder` that its marker does not prove to be ours (None: all ours)."""
     listed = _read_marker(folder)
     if listed is None:
-        return "(no " + MARKER + ")"
+        return "no " + MARKER
     for root, dirs, names in os.walk(folder):
         base = Path(root)
         for d in dirs:
