@@ -146,6 +146,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis.analyze import process_state
     from .analysis.inputs import (
         add_generated_decoder_inputs,
+        describe_inputs,
         display_path,
         load_model,
         plan_jobs,
@@ -191,7 +192,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 job.inputs,
                 alpha=args.alpha,
                 tol=args.tol,
-                max_iters=args.max_iter,
+                max_iters=args.max_iters,
                 batch_size=args.batch_size,
                 progress=main_proc and not args.quiet,
                 model_name=job.label,
@@ -201,14 +202,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             raise CLIError(f"{job.label}: {e}") from e
         del model  # free memory before the next model
         result.meta["model_path"] = display_path(job.label, job.path)
-        if job.image_source:
-            result.meta["inputs"] = f"images from {job.image_source}"
-        elif args.texts:
-            result.meta["inputs"] = f"texts from {args.texts}"
-        else:
-            result.meta["inputs"] = "built-in example sentences, hf_eot/data/example_sentences.txt"
-        if job.generates_decoder_inputs:
-            result.meta["inputs"] += "; decoder inputs: the model's own greedy output"
+        result.meta["inputs"] = describe_inputs(job, args.texts)
         results.append((job.label, result))
         if main_proc:
             for name, comp in result.components.items():
@@ -315,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--tol", type=positive_float, default=1e-8, help="relative gradient norm the solver reaches"
     )
-    a.add_argument("--max-iter", type=positive_int, default=100)
+    a.add_argument(
+        "--max-iters",
+        "--max-iter",
+        dest="max_iters",
+        type=positive_int,
+        default=100,
+        help="Newton iterations per dual problem at most (default 100)",
+    )
     a.add_argument(
         "--attn-implementation",
         type=attn_implementation,

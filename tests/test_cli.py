@@ -77,6 +77,7 @@ def test_no_command_prints_help_with_status_2(capsys):
         (["analyze", "--tol", "nan"], "--tol"),
         (["analyze", "--alpha", "-1"], "--alpha"),
         (["analyze", "--max-iter", "0"], "--max-iter"),
+        (["analyze", "--max-iters", "-3"], "--max-iter"),
         (["analyze", "--max-examples", "0"], "--max-examples"),
         (["analyze", "--batch-size", "0"], "--batch-size"),
         (["analyze", "--threads", "-1"], "--threads"),

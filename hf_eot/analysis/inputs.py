@@ -37,6 +37,7 @@ __all__ = [
     "checkpoint_dirs",
     "choose_attn_implementation",
     "default_models",
+    "describe_inputs",
     "display_path",
     "load_model",
     "load_tokenizer",
@@ -463,6 +464,19 @@ def add_generated_decoder_inputs(job: Job, model, max_new_tokens: int) -> None:
     seen = (gen == eos).long().cumsum(-1) > 0
     enc["decoder_input_ids"] = gen
     enc["decoder_attention_mask"] = (~seen).long()
+
+
+def describe_inputs(job: Job, texts: str | os.PathLike | None = None) -> str:
+    """Where the inputs of `job` came from, for the result's metadata (`texts`: the texts file given)."""
+    if job.image_source:
+        what = f"images from {job.image_source}"
+    elif texts is not None:
+        what = f"texts from {texts}"
+    else:
+        what = "built-in example sentences, hf_eot/data/example_sentences.txt"
+    if job.generates_decoder_inputs:
+        what += "; decoder inputs: the model's own greedy output"
+    return what
 
 
 def _image_inputs(job: Job, config, limit: int, mean: float | None, std: float | None):
