@@ -69,7 +69,8 @@ def _float(positive: bool):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or (positive and value <= 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number{' > 0' if positive else ''}, got {text}")
+            bound = " > 0" if positive else ""
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
         return value
 
     return parse
@@ -129,7 +130,9 @@ def attn_implementation(text: str) -> str:
 
     valid = ["auto", "eager", *sorted(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k != "eager")]
     if text not in valid:
-        raise argparse.ArgumentTypeError(f"unknown attention implementation {text!r}; choose one of {', '.join(valid)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown attention implementation {text!r}; choose one of {', '.join(valid)}"
+        )
     return text
 
 
@@ -143,6 +146,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis.analyze import process_state
     from .analysis.inputs import (
         add_generated_decoder_inputs,
+        describe_inputs,
         display_path,
         load_model,
         plan_jobs,
@@ -170,7 +174,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model_dirs = [job.path for job in jobs]
     check_output_folder(args.out, [job.label for job in jobs], model_dirs, index=len(jobs) > 1)
     for job in jobs:
-        prepare_inputs(job, max_examples=args.max_examples, image_mean=args.image_mean, image_std=args.image_std)
+        prepare_inputs(
+            job, max_examples=args.max_examples, image_mean=args.image_mean, image_std=args.image_std
+        )
     results = []
     for job in jobs:
         say(f"[{job.label}] loading {job.path} ({job.model_type}, attention '{job.attn_implementation}')")
@@ -186,7 +192,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 job.inputs,
                 alpha=args.alpha,
                 tol=args.tol,
-                max_iters=args.max_iter,
+                max_iters=args.max_iters,
                 batch_size=args.batch_size,
                 progress=main_proc and not args.quiet,
                 model_name=job.label,
@@ -196,14 +202,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             raise CLIError(f"{job.label}: {e}") from e
         del model  # free memory before the next model
         result.meta["model_path"] = display_path(job.label, job.path)
-        if job.image_source:
-            result.meta["inputs"] = f"images from {job.image_source}"
-        elif args.texts:
-            result.meta["inputs"] = f"texts from {args.texts}"
-        else:
-            result.meta["inputs"] = "built-in example sentences, hf_eot/data/example_sentences.txt"
-        if job.generates_decoder_inputs:
-            result.meta["inputs"] += "; decoder inputs: the model's own greedy output"
+        result.meta["inputs"] = describe_inputs(job, args.texts)
         results.append((job.label, result))
         if main_proc:
             for name, comp in result.components.items():
@@ -275,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         help=f"a save_pretrained folder, a packaged checkpoint name, or {PACKAGED_MODEL!r}; default: "
-        f"{PACKAGED_MODEL} plus the packaged {', '.join(DEFAULT_CHECKPOINTS)} (or those in $HF_EOT_CHECKPOINTS)",
+        f"{PACKAGED_MODEL} plus the packaged {', '.join(DEFAULT_CHECKPOINTS)} "
+        "(or those in $HF_EOT_CHECKPOINTS)",
     )
     src = a.add_mutually_exclusive_group()
     src.add_argument(
@@ -297,14 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: analysis_out); results go to OUT/<model>/",
     )
     a.add_argument(
-        "--max-examples", type=positive_int, default=None, help="use at most this many inputs (images default to 64)"
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="use at most this many inputs (images default to 64)",
     )
     a.add_argument("--batch-size", type=positive_int, default=16)
     a.add_argument(
         "--alpha", type=positive_float, default=1.0, help="alpha of problem (3) (the paper's mapping: 1)"
     )
-    a.add_argument("--tol", type=positive_float, default=1e-8, help="relative gradient norm the solver reaches")
-    a.add_argument("--max-iter", type=positive_int, default=100)
+    a.add_argument(
+        "--tol", type=positive_float, default=1e-8, help="relative gradient norm the solver reaches"
+    )
+    a.add_argument(
+        "--max-iters",
+        "--max-iter",
+        dest="max_iters",
+        type=positive_int,
+        default=100,
+        help="Newton iterations per dual problem at most (default 100)",
+    )
     a.add_argument(
         "--attn-implementation",
         type=attn_implementation,
@@ -338,9 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
             "sparsity, marginal errors and time."
         ),
     )
-    c.add_argument("model", nargs="?", help=f"a save_pretrained folder; default: the packaged {PACKAGED_MODEL}")
     c.add_argument(
-        "--texts", type=text_file, help="UTF-8 text file, one example per line (default: the built-in sentences)"
+        "model", nargs="?", help=f"a save_pretrained folder; default: the packaged {PACKAGED_MODEL}"
+    )
+    c.add_argument(
+        "--texts",
+        type=text_file,
+        help="UTF-8 text file, one example per line (default: the built-in sentences)",
     )
     c.add_argument("--max-examples", type=positive_int, default=32)
     c.add_argument("--json", type=output_file, help="also write the rows to this JSON file")

@@ -120,7 +120,14 @@ def compare_regularizers(
             hf_logging.enable_progress_bar()
 
 
-def _compare(model_path, texts, settings, max_length, progress, desc) -> list[RegularizerComparison]:
+def _compare(
+    model_path: str,
+    texts: Sequence[str],
+    settings: Sequence[tuple[str, str, dict[str, Any]]],
+    max_length: int,
+    progress: bool,
+    desc: str | None,
+) -> list[RegularizerComparison]:
     from tqdm.auto import tqdm
     from transformers import AutoModel
 

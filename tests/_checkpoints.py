@@ -80,4 +80,8 @@ def t5(folder: Path, num_layers: int = 1) -> Path:
 
 def files(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its content (to assert that nothing changed)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -77,6 +77,7 @@ def test_no_command_prints_help_with_status_2(capsys):
         (["analyze", "--tol", "nan"], "--tol"),
         (["analyze", "--alpha", "-1"], "--alpha"),
         (["analyze", "--max-iter", "0"], "--max-iter"),
+        (["analyze", "--max-iters", "-3"], "--max-iter"),
         (["analyze", "--max-examples", "0"], "--max-examples"),
         (["analyze", "--batch-size", "0"], "--batch-size"),
         (["analyze", "--threads", "-1"], "--threads"),
@@ -185,6 +186,17 @@ def test_analyze_never_overwrites_a_user_index_readme(tmp_path, monkeypatch, cap
     assert (out / "README.md").read_text() == "# my project\n"
 
 
+def test_analyze_refuses_a_checkpoint_whose_attention_has_no_fenchel_dual(texts, tmp_path, capsys):
+    """The packaged T5 with Sinkhorn encoder attention is loaded with "eot" and refused in one line that
+    names the regularizer; nothing is written."""
+    out = tmp_path / "out"
+    argv = ["analyze", "t5-bbc-titles-sinkhorn", "--texts", str(texts), "--max-new-tokens", "1"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: t5-bbc-titles-sinkhorn: the encoder layer 0 runs 'sinkhorn' attention" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # tokenizers
 
@@ -220,12 +232,13 @@ def test_tokenizer_that_maps_every_word_to_unk_is_refused(tmp_path, texts, capsy
 def test_compare_uses_every_text_and_shows_progress_unless_quiet(bert_ckpt, texts, tmp_path, capsys):
     """--max-examples 3 on 3 texts uses all 3; a progress bar on stderr, none with --quiet; --json rows."""
     rows = tmp_path / "rows.json"
-    assert main(["compare", str(bert_ckpt), "--texts", str(texts), "--max-examples", "3", "--json", str(rows)]) == 0
+    argv = ["compare", str(bert_ckpt), "--texts", str(texts)]
+    assert main([*argv, "--max-examples", "3", "--json", str(rows)]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("bert: 3 texts") and "| sinkhorn |" in captured.out
     assert "bert: " in captured.err and "Loading weights" not in captured.err
     assert len(json.loads(rows.read_text())) == 8
-    assert main(["compare", str(bert_ckpt), "--texts", str(texts), "--max-examples", "2", "--quiet"]) == 0
+    assert main([*argv, "--max-examples", "2", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("bert: 2 texts") and captured.err == ""
 

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from . import AnalysisInputError
 from .mapping import get_architecture
@@ -29,13 +28,16 @@ from .mapping import get_architecture
 __all__ = [
     "DEFAULT_CHECKPOINTS",
     "PACKAGED_MODEL",
+    "TOKENIZER_FILES",
     "Job",
+    "add_generated_decoder_inputs",
     "auto_model_class",
     "builtin_sentences",
     "check_vocabulary",
     "checkpoint_dirs",
     "choose_attn_implementation",
     "default_models",
+    "describe_inputs",
     "display_path",
     "load_model",
     "load_tokenizer",
@@ -43,6 +45,8 @@ __all__ = [
     "packaged_model_path",
     "plan_jobs",
     "prepare_inputs",
+    "read_model_config",
+    "read_text_file",
     "read_texts",
     "resolve_model",
 ]
@@ -305,7 +309,6 @@ class Job:
     inputs: dict | None = None
     examples: list[str] = field(default_factory=list)
     encoder_decoder: bool = False  # the model's forward takes decoder inputs (T5ForConditionalGeneration)
-    tokenizer: Any = None
 
     @property
     def generates_decoder_inputs(self) -> bool:
@@ -335,6 +338,7 @@ def plan_jobs(
         model_type = str(config.get("model_type"))
         get_architecture(model_type)  # UnsupportedModelError for unmapped model types
         cls = _base_class(config)
+        forward = inspect.signature(cls.forward).parameters if cls is not None else {}
         modality = "image" if getattr(cls, "main_input_name", "input_ids") == "pixel_values" else "text"
         job = Job(
             label=label,
@@ -343,7 +347,7 @@ def plan_jobs(
             model_type=model_type,
             modality=modality,
             attn_implementation=choose_attn_implementation(config, attn_implementation),
-            encoder_decoder=cls is not None and "decoder_input_ids" in inspect.signature(cls.forward).parameters,
+            encoder_decoder="decoder_input_ids" in forward,
         )
         if modality == "text":
             if images is not None and explicit:
@@ -439,7 +443,7 @@ def prepare_inputs(
     if cls is not None:
         accepted = inspect.signature(cls.forward).parameters
         enc = {k: v for k, v in enc.items() if k in accepted}
-    job.inputs, job.examples, job.tokenizer = enc, list(job.texts), tok
+    job.inputs, job.examples = enc, list(job.texts)
 
 
 def add_generated_decoder_inputs(job: Job, model, max_new_tokens: int) -> None:
@@ -460,6 +464,19 @@ def add_generated_decoder_inputs(job: Job, model, max_new_tokens: int) -> None:
     seen = (gen == eos).long().cumsum(-1) > 0
     enc["decoder_input_ids"] = gen
     enc["decoder_attention_mask"] = (~seen).long()
+
+
+def describe_inputs(job: Job, texts: str | os.PathLike | None = None) -> str:
+    """Where the inputs of `job` came from, for the result's metadata (`texts`: the texts file given)."""
+    if job.image_source:
+        what = f"images from {job.image_source}"
+    elif texts is not None:
+        what = f"texts from {texts}"
+    else:
+        what = "built-in example sentences, hf_eot/data/example_sentences.txt"
+    if job.generates_decoder_inputs:
+        what += "; decoder inputs: the model's own greedy output"
+    return what
 
 
 def _image_inputs(job: Job, config, limit: int, mean: float | None, std: float | None):

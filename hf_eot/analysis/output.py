@@ -82,7 +82,7 @@ def _foreign_entry(folder: Path) -> str | None:
     """The first entry of `folder` that its marker does not prove to be ours (None: all ours)."""
     listed = _read_marker(folder)
     if listed is None:
-        return "(no " + MARKER + ")"
+        return "no " + MARKER
     for root, dirs, names in os.walk(folder):
         base = Path(root)
         for d in dirs:
@@ -122,7 +122,10 @@ def _writable_anchor(out: Path) -> Path:
 
 
 def check_output_folder(
-    out: str | os.PathLike, labels: Sequence[str], model_dirs: Sequence[str | os.PathLike] = (), index: bool = False
+    out: str | os.PathLike,
+    labels: Sequence[str],
+    model_dirs: Sequence[str | os.PathLike] = (),
+    index: bool = False,
 ) -> Path:
     """Refuses an output folder that would receive results by overwriting or deleting anything this
     module did not write, or that is (or lies inside) a model folder. Returns the resolved folder.

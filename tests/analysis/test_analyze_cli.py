@@ -355,20 +355,3 @@ def test_non_softmax_attention_is_refused_naming_the_regularizer(tiny):
     hf_eot.configure(model, "sparsemax", layers=[1])
     with pytest.raises(ValueError, match="encoder layer 1 runs 'sparsemax' attention"):
         analyze(model, tiny.text_batch())
-
-
-def test_cli_attention_choice_for_hf_eot_checkpoints():
-    """--attn-implementation auto: eager for plain models and for hf_eot configs that are plain softmax
-    everywhere (same function, weights available), "eot" otherwise; an explicit name wins."""
-    from hf_eot.analysis.inputs import choose_attn_implementation
-
-    softmax = {
-        "default": {"regularizer": "softmax", "epsilon": 1.0, "prior": None},
-        "overrides": [],
-        "version": 1,
-    }
-    sparse = {"default": {"regularizer": "sparsemax"}, "overrides": [], "version": 1}
-    assert choose_attn_implementation({}, "auto") == "eager"
-    assert choose_attn_implementation({"eot_attention": softmax}, "auto") == "eager"
-    assert choose_attn_implementation({"eot_attention": sparse}, "auto") == "eot"
-    assert choose_attn_implementation({"eot_attention": sparse}, "sdpa") == "sdpa"

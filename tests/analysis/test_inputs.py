@@ -14,6 +14,7 @@ from hf_eot.analysis import AnalysisInputError
 from hf_eot.analysis.inputs import (
     DEFAULT_CHECKPOINTS,
     checkpoint_dirs,
+    choose_attn_implementation,
     default_models,
     display_path,
     packaged_checkpoints_dir,
@@ -106,7 +107,8 @@ def test_text_and_encoder_decoder_jobs_follow_the_model_class(tmp_path):
 
 def test_inputs_are_refused_with_the_reason(tmp_path):
     bert = _checkpoints.bert(tmp_path / "bert", max_position_embeddings=6)
-    for content, reason in ((b"\n# only a comment\n", "holds no text"), (b"a\x00b", "NUL"), (b"\xff\xfe", "UTF-8")):
+    bad = ((b"\n# only a comment\n", "holds no text"), (b"a\x00b", "NUL"), (b"\xff\xfe", "UTF-8"))
+    for content, reason in bad:
         f = tmp_path / "t.txt"
         f.write_bytes(content)
         with pytest.raises(AnalysisInputError, match=reason):
@@ -120,3 +122,18 @@ def test_inputs_are_refused_with_the_reason(tmp_path):
         plan_jobs(str(_checkpoints.vit(tmp_path / "vit")), texts=long)
     with pytest.raises(AnalysisInputError, match="max_examples"):
         plan_jobs(str(bert), max_examples=0)
+
+
+def test_cli_attention_choice_for_hf_eot_checkpoints():
+    """--attn-implementation auto: eager for plain models and for hf_eot configs that are plain softmax
+    everywhere (same function, weights available), "eot" otherwise; an explicit name wins."""
+    softmax = {
+        "default": {"regularizer": "softmax", "epsilon": 1.0, "prior": None},
+        "overrides": [],
+        "version": 1,
+    }
+    sparse = {"default": {"regularizer": "sparsemax"}, "overrides": [], "version": 1}
+    assert choose_attn_implementation({}, "auto") == "eager"
+    assert choose_attn_implementation({"eot_attention": softmax}, "auto") == "eager"
+    assert choose_attn_implementation({"eot_attention": sparse}, "auto") == "eot"
+    assert choose_attn_implementation({"eot_attention": sparse}, "sdpa") == "sdpa"

@@ -14,7 +14,9 @@ def result():
     from transformers import BertConfig, BertModel
 
     model = BertModel(
-        BertConfig(vocab_size=30, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+        BertConfig(
+            vocab_size=30, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        )
     ).eval()
     import torch
 
@@ -30,7 +32,9 @@ def test_marker_lists_every_file_with_its_hash(result, tmp_path):
     write_results([("m", result)], tmp_path / "out")
     folder = tmp_path / "out" / "m"
     listed = json.loads((folder / MARKER).read_text())["files"]
-    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
+    on_disk = {
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER
+    }
     assert set(listed) == on_disk and any(name.startswith("figures/") for name in listed)
     for name, digest in listed.items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
