@@ -237,7 +237,7 @@ class TensorBatchCollator:
             real = (batch[trim.reference] != trim.pad).any(dim=0)  # (length,)
             length = max(1, int(real.nonzero().max()) + 1) if bool(real.any()) else 1
             for name in trim.columns:
-                batch[name] = batch[name][:, :length]
+                batch[name] = batch[name][:, :length].contiguous()  # models call .view on labels
         return batch
 
 

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     args = _common.parse_with_quick(build_parser(), argv, QUICK)
     if args.target_bytes is None:
-        args.target_bytes = TASKS[args.task][1] if not args.quick else 8
+        args.target_bytes = TASKS[args.task][1]
     return args
 
 

@@ -103,3 +103,9 @@ def test_t5_prior_variant_freezes_the_models_own_position_bias_at_zero():
     assert {o["part"] for o in cfg["overrides"]} == {"encoder", "decoder"}
     plain = t5_titles.build_model(args, "softmax", 0, tok)
     assert all(m.relative_attention_bias.weight.requires_grad for m in plain.modules() if getattr(m, "has_relative_attention_bias", False))
+
+
+def test_cut_columns_are_contiguous_so_models_can_view_them():
+    """T5's loss calls labels.view(-1): a cut column must be contiguous."""
+    batch = TensorBatchCollator((Trim("labels", -100, ("labels",)),))(_dataset().__getitems__([0, 2]))
+    assert batch["labels"].is_contiguous() and batch["labels"].shape == (2, 1)
