@@ -10,6 +10,7 @@ from torch import nn
 from ..config import CONFIG_KEY, PARTS, AttentionSpec, EOTAttentionConfig, Override
 from ..regularizers import get_regularizer
 from .modules import attention_modules, index_from_name, model_parts, sync_parameters
+from .registration import request_eot, require_eot
 
 __all__ = ["configure"]
 
@@ -51,8 +52,10 @@ def configure(
     if not hasattr(config, "to_dict"):
         raise ValueError(f"configure expects a transformers config or model, got {type(config_or_model).__name__}")
 
+    if model is not None:
+        require_eot(model)
     spec = AttentionSpec(regularizer, params)
-    parts = model_parts(config)
+    parts = model_parts(model if model is not None else config)
     if part is not None and part not in PARTS:
         raise ValueError(f"invalid part={part!r}; valid choices: None or one of {list(PARTS)}")
     if part is not None and part not in parts:
@@ -69,6 +72,12 @@ def configure(
             )
     if get_regularizer(regularizer).couples_queries:
         coupled = [p for p in selected if p != "encoder"]
+        if coupled and "encoder" not in parts:
+            raise ValueError(
+                f"regularizer {regularizer!r} couples all queries of a sequence, and this {config.model_type} model "
+                f"has no encoder self-attention (its parts: {sorted(parts)}), only attention where later tokens "
+                "would change earlier ones: choose another regularizer"
+            )
         if coupled:
             raise ValueError(
                 f"regularizer {regularizer!r} couples all queries of a sequence, so it cannot be used in the "
@@ -90,6 +99,7 @@ def configure(
     raw = new.to_dict()
     for target in _configs(config, model):
         setattr(target, CONFIG_KEY, raw)
+        request_eot(target)
     if model is not None:
         for name, module in attention_modules(model):
             if not isinstance(getattr(module, "layer_idx", None), int):
