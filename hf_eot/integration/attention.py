@@ -28,6 +28,7 @@ from ..config import AttentionSpec
 from ..functional import attention_weights
 from ..ops.priors import alibi_bias, relative_position_buckets
 from ..regularizers import get_regularizer
+from .adapters import warn_if_frozen
 from .modules import (
     NUM_RELATIVE_BUCKETS,
     RELATIVE_MAX_DISTANCE,
@@ -167,6 +168,8 @@ def eot_attention_forward(
         )
 
     regularizer = get_regularizer(spec.regularizer)
+    if torch.is_grad_enabled():
+        warn_if_frozen(module)
     part = module_part(module)
     if regularizer.couples_queries and part != "encoder":
         raise ValueError(

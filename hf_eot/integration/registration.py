@@ -17,14 +17,12 @@ running it as softmax.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import warnings
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from .._warnings import warn
 from ..config import CONFIG_KEY, EOTAttentionConfig
 from .attention import eot_attention_forward, eot_mask
 from .modules import attention_modules, sync_parameters
@@ -107,24 +105,9 @@ def _check_implementation(config: Any) -> None:
     if all(s.runs_on_sdpa and s.params["epsilon"] == 1.0 for s in specs):
         return
     names = sorted({s.regularizer for s in specs})
-    warnings.warn(
+    warn(
         f"config.{CONFIG_KEY} selects {names} attention, but this model was built with "
         f"attn_implementation={running!r}, which ignores it (and any learned attention parameters): load it with "
         f"from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r}) or call "
-        f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})",
-        UserWarning,
-        stacklevel=_user_stacklevel(),
+        f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r})"
     )
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside hf_eot, Transformers and
-    torch (the user's ``from_pretrained`` or model construction)."""
-    libraries = tuple(
-        os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-        for m in (sys.modules["hf_eot"], sys.modules["transformers"], sys.modules["torch"])
-    )
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(libraries):
-        frame, level = frame.f_back, level + 1
-    return level
