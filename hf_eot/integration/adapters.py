@@ -12,8 +12,11 @@ from __future__ import annotations
 from torch import nn
 
 from .._warnings import warn
+from .modules import ConfigMemo
 
 __all__ = ["warn_if_frozen"]
+
+_WARNED: ConfigMemo[bool] = ConfigMemo()
 
 
 def warn_if_frozen(module: nn.Module) -> None:
@@ -22,10 +25,9 @@ def warn_if_frozen(module: nn.Module) -> None:
     params = getattr(module, "eot_parameters", None)
     if params is None or not module.training or any(p.requires_grad for p in params.parameters()):
         return
-    config = module.config
-    if config.__dict__.get("_eot_frozen_warned"):
+    if _WARNED.get(module.config):
         return
-    config.__dict__["_eot_frozen_warned"] = True
+    _WARNED.set(module.config, True)
     warn(
         f"the learned attention parameters of {type(module).__name__} (eot_parameters) are frozen while the "
         "model trains, so they keep their initial values; with PEFT, pass modules_to_save=['eot_parameters'] "

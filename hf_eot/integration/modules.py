@@ -1,4 +1,4 @@
-"""Where an attention module sits in its model, and the learned parameters its regularizer owns.
+"""Where an attention module sits in its model.
 
 The one place that finds attention modules and their layer counts (the glue, ``configure``, the model
 card and the analysis all ask here).  Transformers hands the attention function the module itself; from
@@ -8,28 +8,25 @@ it we read
 * its layer index: the module's own ``layer_idx`` (BERT, T5, Llama) or, for models without one (ViT,
   DistilBERT, Whisper's encoder, CLIP), the index of the outermost ``nn.ModuleList`` entry that holds it,
   recorded at construction time or by :func:`attention_modules`,
-* the spec of ``config.eot_attention`` that applies to it (cached on the module).
 
-Learned parameters (a per-head entmax ``alpha``, T5-style relative position buckets for BERT/ViT) live
-in an :class:`EOTAttentionParameters` child of the attention module, so that they are ordinary
-parameters: trained by any optimizer, saved in safetensors, restored by ``from_pretrained``.
+The spec that applies to a module and its learned parameters are in :mod:`hf_eot.integration.parameters`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
-from typing import Any, NamedTuple
+import weakref
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
-from ..config import CONFIG_KEY, PARTS, AttentionSpec, EOTAttentionConfig
+from ..config import CONFIG_KEY, PARTS
 
 __all__ = [
     "AttentionLocation",
-    "EOTAttentionParameters",
+    "ConfigMemo",
     "attention_modules",
     "hidden_size",
     "index_from_name",
@@ -38,13 +35,9 @@ __all__ = [
     "locate_attention",
     "model_parts",
     "module_part",
-    "module_spec",
     "num_heads",
-    "sync_parameters",
 ]
 
-NUM_RELATIVE_BUCKETS = 32
-RELATIVE_MAX_DISTANCE = 128
 # query projections, separate (q_proj, query, q, q_lin) or fused with the keys and values (GPT-2's c_attn,
 # ModernBERT's Wqkv)
 _QUERY_PROJECTIONS = ("q_proj", "query", "q", "q_lin", "c_attn", "Wqkv", "qkv")
@@ -179,22 +172,61 @@ def hidden_size(config: Any) -> int:
     raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
 
 
+T = TypeVar("T")
+
+
+class ConfigMemo(Generic[T]):
+    """A value per config object, by identity, that neither keeps the config alive nor writes into it (a
+    config's ``__dict__`` is what ``save_pretrained`` serialises; configs are not hashable)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, T]] = {}
+
+    def get(self, config: Any) -> T | None:
+        entry = self._entries.get(id(config))
+        return entry[1] if entry is not None and entry[0]() is config else None
+
+    def set(self, config: Any, value: T) -> None:
+        key = id(config)
+        self._entries[key] = (weakref.ref(config, lambda _, key=key: self._entries.pop(key, None)), value)
+
+
+_CONFIG_PARTS: ConfigMemo[dict[str, int]] = ConfigMemo()
+
+
 def model_parts(config_or_model: Any) -> dict[str, int]:
     """``{part: number of layers}`` for the attention parts of a model, or of the model a config builds.
 
-    A model is read from its attention modules (:func:`locate_attention`).  For a config, the model is
-    built on the meta device (no memory, no weights) with ``AutoModel.from_config`` and read the same way;
-    a config that ``AutoModel`` does not know falls back to the config's layer-count fields.
+    A model is read from its attention modules (:func:`locate_attention`), and the answer is remembered
+    for its configs.  For a config met first, the model is built once on the meta device (no memory, no
+    weights) with ``AutoModel.from_config`` and read the same way; a config that ``AutoModel`` does not
+    know falls back to the config's layer-count fields.
+
+    Raises:
+        ValueError: for the config of one tower of a composite model (CLIP's ``text_config``) that was not
+            read from its model, and for a model without attention modules (:func:`locate_attention`).
     """
     if isinstance(config_or_model, nn.Module):
         parts: dict[str, int] = {}
-        for location in locate_attention(config_or_model):
+        located = locate_attention(config_or_model)
+        for location in located:
             parts[location.part] = max(parts.get(location.part, 0), location.layer + 1)
+        configs = [getattr(config_or_model, "config", None), *(location.module.config for location in located)]
+        for config in {id(c): c for c in configs if c is not None}.values():
+            _CONFIG_PARTS.set(config, dict(parts))
         return parts
-    skeleton = _meta_model(config_or_model)
-    if skeleton is not None:
-        return model_parts(skeleton)
-    return _parts_from_config_fields(config_or_model)
+    known = _CONFIG_PARTS.get(config_or_model)
+    tower = getattr(config_or_model, "base_config_key", "")
+    if known is None and tower:
+        raise ValueError(
+            f"{type(config_or_model).__name__} is the {tower} of a composite model, whose other towers it does "
+            "not describe: pass the model (or the composite model's config) instead"
+        )
+    if known is None:
+        skeleton = _meta_model(config_or_model)
+        known = model_parts(skeleton) if skeleton is not None else _parts_from_config_fields(config_or_model)
+        _CONFIG_PARTS.set(config_or_model, known)
+    return dict(known)
 
 
 def _meta_model(config: Any) -> nn.Module | None:
@@ -235,110 +267,3 @@ def _parts_from_config_fields(config: Any) -> dict[str, int]:
             parts["cross"] = n
         return parts
     return {"encoder": n}
-
-
-def module_spec(module: nn.Module) -> AttentionSpec:
-    """The spec of ``config.eot_attention`` that applies to ``module``.
-
-    Parsing is cached on the module and redone whenever the config dict changes.
-    """
-    raw = getattr(module.config, CONFIG_KEY, None)
-    cached = module.__dict__.get("_eot_spec_cache")
-    if cached is not None and cached[0] == raw:
-        return cached[1]
-    parsed = EOTAttentionConfig.from_dict(raw)
-    index = layer_index(module)
-    if index is None and parsed.depends_on_layer:
-        raise ValueError(
-            f"config.{CONFIG_KEY} selects layers, but the layer index of this {type(module).__name__} is unknown "
-            "(it was built before `import hf_eot` and has no layer_idx): call hf_eot.configure(model, ...) on the "
-            "model, or import hf_eot before building it"
-        )
-    spec = parsed.spec_for(index, module_part(module))
-    module.__dict__["_eot_spec_cache"] = (copy.deepcopy(raw), spec)
-    return spec
-
-
-class EOTAttentionParameters(nn.Module):
-    """Learned parameters of one attention module's regularizer.
-
-    ``alpha_logit`` (``(n_heads,)``): entmax ``alpha = 1 + sigmoid(alpha_logit)`` per head, in (1, 2)
-    (Correia et al. 2019).  ``relative_bias`` (``(num_buckets, n_heads)``): a T5-style learned log-prior per
-    relative-position bucket, initialised to zero so that adding it leaves the model's outputs unchanged.
-    """
-
-    def __init__(self, n_heads: int, *, alpha: float | None = None, relative_buckets: bool = False) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self._alpha_init = alpha
-        if alpha is not None:
-            self.alpha_logit = nn.Parameter(torch.empty(n_heads))
-        if relative_buckets:
-            self.relative_bias = nn.Parameter(torch.empty(NUM_RELATIVE_BUCKETS, n_heads))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, only_uninitialized: bool = False) -> None:
-        """Set the initial values: ``alpha_logit = logit(alpha - 1)``, ``relative_bias = 0``.
-
-        With ``only_uninitialized``, parameters that Transformers marked as loaded are left alone.
-        """
-        for name, param in self.named_parameters(recurse=False):
-            if param.device.type == "meta" or (only_uninitialized and getattr(param, "_is_hf_initialized", False)):
-                continue
-            if name == "alpha_logit":
-                param.fill_(math.log((self._alpha_init - 1.0) / (2.0 - self._alpha_init)))
-            else:
-                param.zero_()
-            param._is_hf_initialized = True
-
-    # ``from_pretrained`` builds the model on the meta device, loads the checkpoint, then initialises every
-    # module whose ``_is_hf_initialized`` flag is unset with the model's ``_init_weights``, which knows
-    # nothing of these parameters.  Answering the flag ourselves initialises the ones that were missing
-    # from the checkpoint (a pretrained model being converted) and keeps the loaded ones.
-    @property
-    def _is_hf_initialized(self) -> bool:
-        self.reset_parameters(only_uninitialized=True)
-        return True
-
-    @_is_hf_initialized.setter
-    def _is_hf_initialized(self, value: bool) -> None:
-        pass
-
-    def alpha(self) -> torch.Tensor:
-        """Per-head alpha, shape ``(n_heads, 1, 1)`` (broadcasts against ``(batch, heads, Q, K)``)."""
-        return (1.0 + torch.sigmoid(self.alpha_logit.float())).view(-1, 1, 1)
-
-    def layout(self) -> tuple[bool, bool]:
-        return hasattr(self, "alpha_logit"), hasattr(self, "relative_bias")
-
-    def extra_repr(self) -> str:
-        learns_alpha, relative = self.layout()
-        return f"n_heads={self.n_heads}, learn_alpha={learns_alpha}, relative_buckets={relative}"
-
-
-def required_layout(spec: AttentionSpec) -> tuple[bool, bool]:
-    """(learns alpha, has relative buckets) for a spec."""
-    learns_alpha = spec.regularizer == "entmax" and spec.params["learn_alpha"]
-    return learns_alpha, spec.params.get("prior") == "relative_buckets"
-
-
-def sync_parameters(module: nn.Module) -> None:
-    """Give ``module`` exactly the learned parameters its spec needs (new ones start at the spec's values;
-    existing ones of the right layout are kept, so trained or loaded values survive)."""
-    spec = module_spec(module)
-    learns_alpha, relative = required_layout(spec)
-    current = getattr(module, "eot_parameters", None)
-    if not (learns_alpha or relative):
-        if current is not None:
-            del module.eot_parameters
-        return
-    if current is not None and current.layout() == (learns_alpha, relative):
-        return
-    reference = next(module.parameters(), None)
-    params = EOTAttentionParameters(
-        num_heads(module), alpha=spec.params["alpha"] if learns_alpha else None, relative_buckets=relative
-    )
-    if reference is not None and reference.device.type != "meta":
-        params = params.to(device=reference.device)
-    module.eot_parameters = params

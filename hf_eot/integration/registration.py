@@ -25,7 +25,8 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from .._warnings import warn
 from ..config import CONFIG_KEY, EOTAttentionConfig
 from .attention import eot_attention_forward, eot_mask
-from .modules import attention_modules, sync_parameters
+from .modules import ConfigMemo, attention_modules
+from .parameters import sync_parameters
 
 __all__ = ["ATTN_IMPLEMENTATION", "register", "request_eot", "require_eot"]
 
@@ -33,6 +34,7 @@ __all__ = ["ATTN_IMPLEMENTATION", "register", "request_eot", "require_eot"]
 ATTN_IMPLEMENTATION = "eot"
 
 logger = logging.getLogger("hf_eot")
+_CHECKED: ConfigMemo[bool] = ConfigMemo()
 _state = {"registered": False}
 
 
@@ -94,9 +96,9 @@ def _check_implementation(config: Any) -> None:
     """Once per config seen at construction: a config that carries ``eot_attention`` and runs ``"eot"``
     keeps asking for it when saved; one that runs another implementation while its ``eot_attention``
     selects something other than plain softmax gets a warning (the choice would be ignored)."""
-    if config.__dict__.get("_eot_checked"):
+    if _CHECKED.get(config):
         return
-    config.__dict__["_eot_checked"] = True
+    _CHECKED.set(config, True)
     running = getattr(config, "_attn_implementation", None)
     if running == ATTN_IMPLEMENTATION:
         config.attn_implementation = ATTN_IMPLEMENTATION
