@@ -190,8 +190,9 @@ def model_card(
     lines += [
         "## How to load",
         "",
-        "The attention regularizers are stored in `config.eot_attention`; importing `hf_eot` registers the",
-        '"eot" attention implementation with Transformers.',
+        "The attention regularizers are stored in `config.eot_attention`; importing `hf_eot` (`pip install",
+        '"hf_eot"`) registers the "eot" attention implementation with Transformers. Without it, Transformers',
+        'refuses this checkpoint with `Specified attn_implementation="eot" is not supported`.',
         "",
         "```python",
         "import hf_eot  # registers attn_implementation='eot'",

@@ -54,7 +54,8 @@ def seq2seq_batch(
 ) -> dict[str, torch.Tensor]:
     """A padded encoder batch plus ``decoder_input_ids`` / ``decoder_attention_mask`` (first row padded)."""
     encoder = text_batch(batch, length, vocab, lengths)
-    decoder = text_batch(batch, target_length, vocab, seed=2, lengths=(max(1, target_length - 2),) + (target_length,) * (batch - 1))
+    target_lengths = (max(1, target_length - 2),) + (target_length,) * (batch - 1)  # first row padded
+    decoder = text_batch(batch, target_length, vocab, seed=2, lengths=target_lengths)
     return {**encoder, "decoder_input_ids": decoder["input_ids"], "decoder_attention_mask": decoder["attention_mask"]}
 
 
@@ -154,7 +155,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         _text,
         {"encoder": LAYERS},
     ),
-    "vit": Architecture(_factory(tf.ViTConfig, **_VIT_LIKE), tf.ViTForImageClassification, _pixels, {"encoder": LAYERS}),
+    "vit": Architecture(
+        _factory(tf.ViTConfig, **_VIT_LIKE), tf.ViTForImageClassification, _pixels, {"encoder": LAYERS}
+    ),
     "deit": Architecture(_factory(tf.DeiTConfig, **_VIT_LIKE), tf.DeiTModel, _pixels, {"encoder": LAYERS}),
     "gpt2": Architecture(
         _factory(

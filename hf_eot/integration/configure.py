@@ -56,9 +56,9 @@ def configure(
 
     Raises:
         ValueError: for a model that does not run ``"eot"`` (naming the fix), or one with no attention
-            module hf_eot can drive; naming the bad value and the valid choices, for an unknown regularizer or parameter,
-            an out-of-range value, a layer index or part that the model does not have, a map that
-            couples queries (Sinkhorn) on a decoder part, or a position prior on cross-attention.
+            module hf_eot can drive; naming the bad value and the valid choices, for an unknown regularizer
+            or parameter, an out-of-range value, a layer index or part that the model does not have, a map
+            that couples queries (Sinkhorn) on a decoder part, or a position prior on cross-attention.
     """
     model = config_or_model if isinstance(config_or_model, nn.Module) else None
     config = model.config if model is not None else config_or_model

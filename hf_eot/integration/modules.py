@@ -240,8 +240,8 @@ def _meta_model(config: Any) -> nn.Module | None:
     try:
         with torch.device("meta"):
             return AutoModel.from_config(plain, attn_implementation="eager")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError, NotImplementedError):
+        return None  # an architecture AutoModel cannot build here: the config's fields are read instead
 
 
 def _parts_from_config_fields(config: Any) -> dict[str, int]:

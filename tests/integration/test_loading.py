@@ -39,13 +39,17 @@ def test_plain_from_pretrained_runs_the_saved_attention(tmp_path: Path) -> None:
     """config.json says attn_implementation="eot"; from_pretrained(path) without the argument runs "eot"
     with the learned alpha (same outputs as the saved model), and so does a second save/load cycle."""
     model = _trained_entmax(tmp_path / "a")
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["attn_implementation"] == "eot"
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["attn_implementation"] == "eot"
+    assert not [key for key in saved if key.startswith("_eot")]  # no bookkeeping of hf_eot in the file
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded = AutoModel.from_pretrained(tmp_path / "a")
     assert loaded.config._attn_implementation == "eot"
     torch.testing.assert_close(_hidden(loaded), _hidden(model))
     loaded.save_pretrained(tmp_path / "b")
+    resaved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert resaved["attn_implementation"] == "eot" and not [key for key in resaved if key.startswith("_eot")]
     again = AutoModel.from_pretrained(tmp_path / "b")
     assert again.config._attn_implementation == "eot"
     torch.testing.assert_close(_hidden(again), _hidden(model))
@@ -55,7 +59,8 @@ def test_another_implementation_warns_at_load_and_points_at_the_caller(tmp_path:
     """An explicit attn_implementation="sdpa" still wins, with a warning naming the fix and pointing at the
     caller; so does a checkpoint saved before attn_implementation was recorded."""
     _trained_entmax(tmp_path / "a")
-    with pytest.warns(UserWarning, match=r"selects \['entmax'\].*attn_implementation='sdpa'.*attn_implementation='eot'") as record:
+    message = r"selects \['entmax'\].*attn_implementation='sdpa'.*attn_implementation='eot'"
+    with pytest.warns(UserWarning, match=message) as record:
         loaded = AutoModel.from_pretrained(tmp_path / "a", attn_implementation="sdpa")
     assert loaded.config._attn_implementation == "sdpa"
     assert record[0].filename == __file__
