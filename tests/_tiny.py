@@ -218,6 +218,23 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+#: Narrower variants (config overrides) for float64 solver tests: 3 heads of width 8 for BERT, 2 of 8 for
+#: ViT, T5 with 8 position buckets; ``model("t5", "eager", dtype=torch.float64, **NARROW["t5"])``.
+#: The matching inputs are ``text_batch(3, 7, 40, lengths=(7, 4, 2))`` and
+#: ``seq2seq_batch(3, 7, 5, 50, lengths=(7, 4, 2))``.
+NARROW: dict[str, dict[str, Any]] = {
+    "bert": dict(
+        vocab_size=40, hidden_size=24, num_attention_heads=3, intermediate_size=32, max_position_embeddings=16,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    ),  # fmt: skip
+    "vit": dict(hidden_size=16, num_attention_heads=2, intermediate_size=24),
+    "t5": dict(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=24, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, dropout_rate=0.1,
+    ),  # fmt: skip
+}
+
+
 def config(kind: str, **overrides: Any) -> tf.PretrainedConfig:
     """The tiny config of ``kind`` (a key of :data:`ARCHITECTURES`), with ``overrides`` applied."""
     if kind not in ARCHITECTURES:
