@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import CONFIG_KEY, PARTS, AttentionSpec, EOTAttentionConfig, Override, as_layers
 from .modules import attention_modules, index_from_name, model_parts
-from .parameters import sync_parameters
+from .parameters import mark_checked, sync_parameters
 from .registration import request_eot, require_eot
 
 __all__ = ["configure"]
@@ -89,6 +89,7 @@ def configure(
     raw = new.to_dict()
     for target in _configs(config, model):
         setattr(target, CONFIG_KEY, raw)
+        mark_checked(target, raw)
         request_eot(target)
     if model is not None:
         _sync_model(model)

@@ -12,7 +12,7 @@ import _tiny as tiny
 
 SETTINGS = {
     "softmax": {},
-    "softmax-eps": {"epsilon": 0.5},
+    "softmax-epsilon": {"epsilon": 0.5},
     "softmax-alibi": {"prior": "alibi"},
     "softmax-buckets": {"prior": "relative_buckets"},
     "sparsemax": {},
