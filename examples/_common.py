@@ -24,7 +24,7 @@ from _stats import format_ci, mean_ci  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The folder of the committed demonstration checkpoints (``--save-dir`` of the documented commands).
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+CHECKPOINTS_DIR = REPO_ROOT / "hf_eot" / "data" / "checkpoints"
 
 
 def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:
