@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover
 from _stats import format_ci, mean_ci  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The folder of the committed demonstration checkpoints (``--save-dir`` of the documented commands).
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+#: The folder of the packaged demonstration checkpoints (``--save-dir`` of the documented commands).
+CHECKPOINTS_DIR = REPO_ROOT / "hf_eot" / "data" / "checkpoints"
 
 
 def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:

@@ -1,43 +1,30 @@
-"""Where an attention module sits in its model, and the learned parameters its regularizer owns.
+"""Where an attention module sits in its model.
 
 Transformers hands the attention function the module itself; from it we read
 
 * its *part* (``"encoder"``, ``"decoder"`` or ``"cross"``, see :mod:`hf_eot.config`),
 * its layer index: the module's own ``layer_idx`` (BERT, T5) or, for models without one (ViT), the
-  index of the outermost ``nn.ModuleList`` entry that holds it, recorded at construction time,
-* the spec of ``config.eot_attention`` that applies to it (cached on the module).
+  index of the outermost ``nn.ModuleList`` entry that holds it, recorded at construction time.
 
-Learned parameters (a per-head entmax ``alpha``, T5-style relative position buckets for BERT/ViT) live
-in an :class:`EOTAttentionParameters` child of the attention module, so that they are ordinary
-parameters: trained by any optimizer, saved in safetensors, restored by ``from_pretrained``.
+The spec that applies to a module and its learned parameters are in :mod:`hf_eot.integration.parameters`.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import re
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..config import CONFIG_KEY, AttentionSpec, EOTAttentionConfig
-
 __all__ = [
-    "EOTAttentionParameters",
     "attention_modules",
     "is_attention_module",
     "layer_index",
     "model_parts",
     "module_part",
-    "module_spec",
     "num_heads",
-    "sync_parameters",
 ]
 
-NUM_RELATIVE_BUCKETS = 32
-RELATIVE_MAX_DISTANCE = 128
 _QUERY_PROJECTIONS = ("q_proj", "query", "q")
 
 
@@ -115,110 +102,3 @@ def model_parts(config: Any) -> dict[str, int]:
             parts["cross"] = n
         return parts
     return {"encoder": n}
-
-
-def module_spec(module: nn.Module) -> AttentionSpec:
-    """The spec of ``config.eot_attention`` that applies to ``module``.
-
-    Parsing is cached on the module and redone whenever the config dict changes.
-    """
-    raw = getattr(module.config, CONFIG_KEY, None)
-    cached = module.__dict__.get("_eot_spec_cache")
-    if cached is not None and cached[0] == raw:
-        return cached[1]
-    parsed = EOTAttentionConfig.from_dict(raw)
-    index = layer_index(module)
-    if index is None and parsed.depends_on_layer:
-        raise ValueError(
-            f"config.{CONFIG_KEY} selects layers, but the layer index of this {type(module).__name__} is unknown "
-            "(it was built before `import hf_eot` and has no layer_idx): call hf_eot.configure(model, ...) on the "
-            "model, or import hf_eot before building it"
-        )
-    spec = parsed.spec_for(index, module_part(module))
-    module.__dict__["_eot_spec_cache"] = (copy.deepcopy(raw), spec)
-    return spec
-
-
-class EOTAttentionParameters(nn.Module):
-    """Learned parameters of one attention module's regularizer.
-
-    ``alpha_logit`` (``(n_heads,)``): entmax ``alpha = 1 + sigmoid(alpha_logit)`` per head, in (1, 2)
-    (Correia et al. 2019).  ``relative_bias`` (``(num_buckets, n_heads)``): a T5-style learned log-prior per
-    relative-position bucket, initialised to zero so that adding it leaves the model's outputs unchanged.
-    """
-
-    def __init__(self, n_heads: int, *, alpha: float | None = None, relative_buckets: bool = False) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self._alpha_init = alpha
-        if alpha is not None:
-            self.alpha_logit = nn.Parameter(torch.empty(n_heads))
-        if relative_buckets:
-            self.relative_bias = nn.Parameter(torch.empty(NUM_RELATIVE_BUCKETS, n_heads))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, only_uninitialized: bool = False) -> None:
-        """Set the initial values: ``alpha_logit = logit(alpha - 1)``, ``relative_bias = 0``.
-
-        With ``only_uninitialized``, parameters that Transformers marked as loaded are left alone.
-        """
-        for name, param in self.named_parameters(recurse=False):
-            if param.device.type == "meta" or (only_uninitialized and getattr(param, "_is_hf_initialized", False)):
-                continue
-            if name == "alpha_logit":
-                param.fill_(math.log((self._alpha_init - 1.0) / (2.0 - self._alpha_init)))
-            else:
-                param.zero_()
-            param._is_hf_initialized = True
-
-    # ``from_pretrained`` builds the model on the meta device, loads the checkpoint, then initialises every
-    # module whose ``_is_hf_initialized`` flag is unset with the model's ``_init_weights``, which knows
-    # nothing of these parameters.  Answering the flag ourselves initialises the ones that were missing
-    # from the checkpoint (a pretrained model being converted) and keeps the loaded ones.
-    @property
-    def _is_hf_initialized(self) -> bool:
-        self.reset_parameters(only_uninitialized=True)
-        return True
-
-    @_is_hf_initialized.setter
-    def _is_hf_initialized(self, value: bool) -> None:
-        pass
-
-    def alpha(self) -> torch.Tensor:
-        """Per-head alpha, shape ``(n_heads, 1, 1)`` (broadcasts against ``(batch, heads, Q, K)``)."""
-        return (1.0 + torch.sigmoid(self.alpha_logit.float())).view(-1, 1, 1)
-
-    def layout(self) -> tuple[bool, bool]:
-        return hasattr(self, "alpha_logit"), hasattr(self, "relative_bias")
-
-    def extra_repr(self) -> str:
-        learns_alpha, relative = self.layout()
-        return f"n_heads={self.n_heads}, learn_alpha={learns_alpha}, relative_buckets={relative}"
-
-
-def required_layout(spec: AttentionSpec) -> tuple[bool, bool]:
-    """(learns alpha, has relative buckets) for a spec."""
-    learns_alpha = spec.regularizer == "entmax" and spec.params["learn_alpha"]
-    return learns_alpha, spec.params.get("prior") == "relative_buckets"
-
-
-def sync_parameters(module: nn.Module) -> None:
-    """Give ``module`` exactly the learned parameters its spec needs (new ones start at the spec's values;
-    existing ones of the right layout are kept, so trained or loaded values survive)."""
-    spec = module_spec(module)
-    learns_alpha, relative = required_layout(spec)
-    current = getattr(module, "eot_parameters", None)
-    if not (learns_alpha or relative):
-        if current is not None:
-            del module.eot_parameters
-        return
-    if current is not None and current.layout() == (learns_alpha, relative):
-        return
-    reference = next(module.parameters(), None)
-    params = EOTAttentionParameters(
-        num_heads(module), alpha=spec.params["alpha"] if learns_alpha else None, relative_buckets=relative
-    )
-    if reference is not None and reference.device.type != "meta":
-        params = params.to(device=reference.device)
-    module.eot_parameters = params

@@ -15,7 +15,8 @@ from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..config import CONFIG_KEY
 from .attention import eot_attention_forward, eot_mask
-from .modules import attention_modules, sync_parameters
+from .modules import attention_modules
+from .parameters import sync_parameters
 
 __all__ = ["ATTN_IMPLEMENTATION", "register"]
 

@@ -49,6 +49,10 @@ from ._masking import check_logits, check_mask, compute_dtype, masked_logsumexp
 
 __all__ = ["SinkhornConvergenceWarning", "SinkhornResult", "sinkhorn_weights"]
 
+#: Default target column-marginal error and iteration cap (used by the model configs too).
+DEFAULT_TOL = 1e-3
+DEFAULT_MAX_ITERS = 200
+
 
 class SinkhornConvergenceWarning(UserWarning):
     """Sinkhorn stopped at ``max_iters`` with a column-marginal error above ``tol``."""

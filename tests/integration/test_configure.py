@@ -3,12 +3,14 @@ trips, learned attention parameters as ordinary model parameters."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, BertModel
 
 import hf_eot
-from hf_eot.integration.modules import attention_modules, layer_index, module_part, module_spec
+from hf_eot.integration.modules import attention_modules, layer_index, module_part
+from hf_eot.integration.parameters import module_spec
 
 from .models import bert_config, build, padded_tokens, t5_config, vit_config
 
@@ -24,7 +26,7 @@ from .models import bert_config, build, padded_tokens, t5_config, vit_config
         ({"regularizer": "entmax", "alpha": 2.5, "learn_alpha": True}, r"learn_alpha=True"),
         ({"regularizer": "sinkhorn", "n_iters": 0}, r"invalid n_iters=0 .*int >= 1"),
         ({"regularizer": "softmax", "prior": "rope"}, r"invalid prior='rope' .*\['alibi', 'relative_buckets'\]"),
-        ({"regularizer": "softmax", "layers": [2]}, r"invalid layers=\[2\]: this model has layers 0..1"),
+        ({"regularizer": "softmax", "layers": [2]}, r"invalid layers=\[2\]: this bert model has layers 0..1"),
         ({"regularizer": "softmax", "layers": [-1]}, r"invalid layers=\[-1\]"),
         ({"regularizer": "softmax", "part": "decoder"}, r"invalid part='decoder': .*\['encoder'\]"),
         ({"regularizer": "softmax", "part": "middle"}, r"invalid part='middle'; valid choices"),
@@ -163,7 +165,8 @@ def test_reconfigure_removes_unneeded_parameters() -> None:
 
 def test_t5_prior_softmax_is_the_closed_form() -> None:
     """T5's position bias is the log-prior: with epsilon, the attention rows equal
-    pi_j exp(s_j / eps) / sum_l pi_l exp(s_l / eps) with log pi = position bias (paper 003 eq. 17-18)."""
+    pi_j exp(s_j / epsilon) / sum_l pi_l exp(s_l / epsilon) with log pi = position bias ("Deciphering
+    Attention Mechanisms: Optimization and Fenchel Dual Solutions", eq. (17)-(18))."""
     model = build("t5", "eot")
     hf_eot.configure(model, "softmax", epsilon=2.0)
     ids, mask = padded_tokens()
@@ -192,3 +195,47 @@ def test_config_json_is_plain_and_loads_back(tmp_path) -> None:
     model = AutoModel.from_config(AutoConfig.from_pretrained(tmp_path), attn_implementation="eot")
     specs = [module_spec(m).regularizer for _, m in attention_modules(model)]
     assert specs == ["sparsemax", "softmax"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [(1, [1]), (torch.tensor([0, 1]), [0, 1]), (torch.tensor(0), [0]), (np.array([1]), [1]), (np.int64(0), [0])],
+)
+def test_layers_accept_ints_and_integer_arrays(layers, expected) -> None:
+    """configure(layers=...) takes an int, numpy integers/arrays and 0-d/1-d integer tensors."""
+    config = hf_eot.configure(bert_config(), "sparsemax", layers=layers)
+    assert config.eot_attention["overrides"][0]["layers"] == expected
+
+
+@pytest.mark.parametrize("layers", [torch.tensor([0.0, 1.0]), "0", [0, "1"]])
+def test_bad_layers_are_named(layers) -> None:
+    """Non-integer layer selections raise a ValueError that names the layers argument."""
+    with pytest.raises(ValueError, match="invalid layers"):
+        hf_eot.configure(bert_config(), "sparsemax", layers=layers)
+
+
+def test_numpy_scalar_parameters_are_numbers() -> None:
+    """alpha=np.float32(1.5) is stored as the float 1.5 (the config stays plain JSON)."""
+    config = hf_eot.configure(bert_config(), "entmax", alpha=np.float32(1.5), max_iters=np.int64(9))
+    assert config.eot_attention["default"]["alpha"] == 1.5 and type(config.eot_attention["default"]["alpha"]) is float
+    assert type(config.eot_attention["default"]["max_iters"]) is int
+
+
+def test_configure_takes_a_whole_config() -> None:
+    """configure(model, EOTAttentionConfig(...)) applies it (with its learned parameters); mixing it with
+    layers/part/params is refused; an EOTAttentionConfig that does not fit the model is refused."""
+    from hf_eot.config import AttentionSpec, Override
+
+    model = build("bert", "eot")
+    choice = hf_eot.EOTAttentionConfig(
+        AttentionSpec("sparsemax"), (Override(AttentionSpec("entmax", {"learn_alpha": True}), (1,)),)
+    )
+    hf_eot.configure(model, choice)
+    assert model.config.eot_attention == choice.to_dict()
+    specs = [module_spec(m).regularizer for _, m in attention_modules(model)]
+    assert specs == ["sparsemax", "entmax"]
+    assert hasattr(model.encoder.layer[1].attention.self, "eot_parameters")
+    with pytest.raises(ValueError, match="replaces the whole choice"):
+        hf_eot.configure(model, choice, layers=[0])
+    with pytest.raises(ValueError, match=r"invalid layers=\[7\]"):
+        hf_eot.configure(model, hf_eot.EOTAttentionConfig(overrides=(Override(AttentionSpec(), (7,)),)))

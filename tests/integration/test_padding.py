@@ -12,7 +12,7 @@ from .models import build, padded_tokens
 
 SETTINGS = {
     "softmax": {},
-    "softmax-eps": {"epsilon": 0.5},
+    "softmax-epsilon": {"epsilon": 0.5},
     "softmax-alibi": {"prior": "alibi"},
     "softmax-buckets": {"prior": "relative_buckets"},
     "sparsemax": {},
@@ -105,3 +105,20 @@ def test_vit_ot_template_partners_change_only_ot_layers() -> None:
         paired = model(pixel_values=pixels, eot_template_partners=torch.tensor([1, 0, 3, 2])).logits
     torch.testing.assert_close(none, plain, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(paired, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("partners", "message"),
+    [
+        (torch.tensor([1.0, 0.0, 3.0, 2.0]), "integer example indices"),
+        (torch.tensor([1, 0, 4, 2]), r"indices in 0..3 \(or -1: none\), got \[1, 0, 4, 2\]"),
+        (torch.tensor([1, 0, -2, 2]), r"indices in 0..3"),
+        (torch.tensor([1, 0]), r"shape \(4,\)"),
+    ],
+)
+def test_bad_template_partners_are_refused(partners: torch.Tensor, message: str) -> None:
+    """Float, out-of-range or mis-shaped eot_template_partners raise a ValueError instead of indexing
+    another example (or wrapping around) silently."""
+    model = build("vit", "eot", configure=lambda c: hf_eot.configure(c, "ot", layers=[1]))
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=torch.randn(4, 1, 8, 8), eot_template_partners=partners)
