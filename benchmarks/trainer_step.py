@@ -63,6 +63,14 @@ def _mean_step(marks: list[tuple[float, float]], warmup: int) -> tuple[float, fl
     return statistics.fmean(w for w, _ in steps), statistics.fmean(c for _, c in steps)
 
 
+T5_VARIANTS = [
+    "softmax",
+    "sinkhorn:n_iters=20@encoder",
+    "softmax:prior=relative_buckets@encoder+decoder",
+    "softmax:prior=alibi@encoder+decoder",
+]
+
+
 class StepTimer(TrainerCallback):
     """The time of each optimizer step: the interval between consecutive ``on_step_end`` calls."""
 
@@ -151,13 +159,14 @@ def t5_factory(variant: str, quick: bool, out: str) -> Callable[[], object]:
 
 
 def pipelines(args, out: str) -> None:
-    rows = {
-        "ViT (ot_vit.py vit)": vit_factory("vit", args.quick, out),
-        "OT-ViT (ot_vit.py ot-vit)": vit_factory("ot-vit", args.quick, out),
-        "MiniLM softmax (text_classification.py)": bbc_factory("softmax", args.quick, out),
-        "T5 softmax (t5_titles.py)": t5_factory("softmax", args.quick, out),
-        "T5 sinkhorn@encoder (t5_titles.py)": t5_factory("sinkhorn:n_iters=20@encoder", args.quick, out),
+    makers = {
+        "ViT (ot_vit.py vit)": lambda: vit_factory("vit", args.quick, out),
+        "OT-ViT (ot_vit.py ot-vit)": lambda: vit_factory("ot-vit", args.quick, out),
+        "MiniLM softmax (text_classification.py)": lambda: bbc_factory("softmax", args.quick, out),
     }
+    for variant in T5_VARIANTS:
+        makers[f"T5 {variant} (t5_titles.py)"] = lambda v=variant: t5_factory(v, args.quick, out)
+    rows = {name: make() for name, make in makers.items() if not args.only or any(o in name for o in args.only)}
     best: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
     shapes: dict[str, str] = {}
     for _ in range(args.rounds):
@@ -217,6 +226,7 @@ def main(argv=None) -> None:
         "--regularizers", nargs="+", default=REGULARIZERS, help="specs for `regularizers` (default: %(default)s)"
     )
     p.add_argument("--max-length", type=int, default=None, help="BBC tokens (default: the example's)")
+    p.add_argument("--only", nargs="+", default=None, help="`pipelines`: only the rows whose name holds one of these")
     args = p.parse_args(argv)
     for key, full, quick in (("steps", 10, 2), ("warmup", 3, 1), ("rounds", 2, 1)):
         if getattr(args, key) is None:
