@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,7 +100,7 @@ def trainer_step_seconds(trainer, steps: int, warmup: int) -> tuple[float, float
 
 
 def bare_step_seconds(trainer, steps: int, warmup: int) -> tuple[float, float]:
-    """Mean (wall, CPU) seconds of ``loss = model(**batch).loss; loss.backward()`` on one batch of the trainer's size,
+    """Mean (wall, CPU) seconds of ``model(**batch).loss.backward()`` on one batch of the trainer's size,
     built by its collator from its training set (no optimizer, no data loading)."""
     model, dataset = trainer.model, trainer.train_dataset
     size = min(len(dataset), trainer.args.per_device_train_batch_size)
@@ -166,7 +165,9 @@ def pipelines(args, out: str) -> None:
     }
     for variant in T5_VARIANTS:
         makers[f"T5 {variant} (t5_titles.py)"] = lambda v=variant: t5_factory(v, args.quick, out)
-    rows = {name: make() for name, make in makers.items() if not args.only or any(o in name for o in args.only)}
+    rows = {
+        name: make() for name, make in makers.items() if not args.only or any(o in name for o in args.only)
+    }
     best: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
     shapes: dict[str, str] = {}
     for _ in range(args.rounds):
@@ -223,16 +224,23 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=None, help="best of this many rounds (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument(
-        "--regularizers", nargs="+", default=REGULARIZERS, help="specs for `regularizers` (default: %(default)s)"
+        "--regularizers",
+        nargs="+",
+        default=REGULARIZERS,
+        help="specs for `regularizers` (default: %(default)s)",
     )
     p.add_argument("--max-length", type=int, default=None, help="BBC tokens (default: the example's)")
-    p.add_argument("--only", nargs="+", default=None, help="`pipelines`: only the rows whose name holds one of these")
+    p.add_argument(
+        "--only", nargs="+", default=None, help="`pipelines`: only the rows whose name holds one of these"
+    )
     args = p.parse_args(argv)
     for key, full, quick in (("steps", 10, 2), ("warmup", 3, 1), ("rounds", 2, 1)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        raise ValueError(f"need steps >= 1, warmup >= 0, rounds >= 1; got {args.steps}, {args.warmup}, {args.rounds}")
+        raise ValueError(
+            f"need steps >= 1, warmup >= 0, rounds >= 1; got {args.steps}, {args.warmup}, {args.rounds}"
+        )
     _common.set_threads(args.threads)
     import transformers
 
