@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 
 def build_inputs(n: int) -> list[str]:
-    from hf_eot.cli import builtin_sentences
+    from hf_eot.analysis.inputs import builtin_sentences
 
     s = builtin_sentences()
     out = list(s[:n])

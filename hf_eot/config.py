@@ -76,7 +76,7 @@ class AttentionSpec:
     def runs_on_sdpa(self) -> bool:
         """True for softmax without a named prior: ``softmax(scores / epsilon + model's own bias)`` is
         fused SDPA with the scale divided by epsilon."""
-        return self.regularizer == "softmax" and self.params["prior"] is None
+        return get_regularizer(self.regularizer).is_sdpa and self.params.get("prior") is None
 
     def to_dict(self) -> dict[str, Any]:
         return {"regularizer": self.regularizer, **self.params}

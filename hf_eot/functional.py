@@ -32,7 +32,9 @@ def _check_tensors(
         _check_broadcasts(mask, scores, "mask")
     if log_prior is not None:
         if not isinstance(log_prior, torch.Tensor) or not log_prior.is_floating_point():
-            raise ValueError(f"log_prior must be a floating-point tensor broadcastable to the scores, got {log_prior!r:.80}")
+            raise ValueError(
+                f"log_prior must be a floating-point tensor broadcastable to the scores, got {log_prior!r:.80}"
+            )
         _check_broadcasts(log_prior, scores, "log_prior")
 
 

@@ -114,7 +114,6 @@ class Regularizer:
 
     Attributes:
         name: the registry key.
-        omega: the regularizer ``Omega(p)`` in words (documentation).
         params: accepted parameters.
         weights: ``weights(scores, mask, log_prior, **params) -> WeightsOutput``; ``params`` are the
             validated non-config-only parameters, plus ``template_gram`` and ``hidden_size`` for maps that
@@ -124,16 +123,18 @@ class Regularizer:
         couples_queries: the map is not row-separable (Sinkhorn's column marginals tie all queries), so it
             cannot be used where queries are produced one at a time (causal calls, cross-attention).
         needs_templates: the map needs the Gram matrix of the keys (the OT-based attention).
+        is_sdpa: the map of ``scores / epsilon + the model's own bias`` is SDPA's softmax with the scale
+            divided by epsilon, so a model may run it on the fused kernel when no named prior is added.
     """
 
     name: str
-    omega: str
     params: tuple[Param, ...]
     weights: Callable[..., WeightsOutput]
     check: Callable[[Mapping[str, Any]], None] = _no_check
     learned: Callable[[Mapping[str, Any]], tuple[LearnedParameter, ...]] = _nothing_learned
     couples_queries: bool = False
     needs_templates: bool = False
+    is_sdpa: bool = False
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -280,27 +281,28 @@ def _logits(scores: torch.Tensor, log_prior: torch.Tensor | None, epsilon: float
 def _softmax(
     scores: torch.Tensor, mask: torch.Tensor | None, log_prior: torch.Tensor | None, *, epsilon: float
 ) -> WeightsOutput:
+    """``Omega = -epsilon H(p)`` (``epsilon KL(p || pi)`` with a prior): ``softmax(scores / epsilon + log pi)``."""
     return WeightsOutput(ops.softmax_weights(_logits(scores, log_prior, epsilon), mask))
 
 
 def _sparsemax(
     scores: torch.Tensor, mask: torch.Tensor | None, log_prior: torch.Tensor | None, *, epsilon: float
 ) -> WeightsOutput:
+    """``Omega = epsilon / 2 ||p||^2``: Euclidean projection onto the simplex (Martins & Astudillo 2016)."""
     return WeightsOutput(ops.sparsemax_weights(_logits(scores, log_prior, epsilon), mask))
 
 
 register_regularizer(
     Regularizer(
         name="softmax",
-        omega="-epsilon * H(p)  (epsilon * KL(p || pi) with a prior)",
         params=(EPSILON, PRIOR),
         weights=_softmax,
+        is_sdpa=True,
     )
 )
 register_regularizer(
     Regularizer(
         name="sparsemax",
-        omega="epsilon / 2 * ||p||^2  (Martins & Astudillo 2016)",
         params=(EPSILON, PRIOR),
         weights=_sparsemax,
     )
@@ -321,6 +323,7 @@ def _entmax(
     alpha: float | torch.Tensor,
     max_iters: int,
 ) -> WeightsOutput:
+    """``Omega = epsilon (sum_j p_j^alpha - 1) / (alpha (alpha - 1))`` (Tsallis; Peters et al. 2019, eq. (9))."""
     logits = _logits(scores, log_prior, epsilon)
     return WeightsOutput(ops.entmax_weights(logits, alpha, mask, **{_ENTMAX_ITERS: max_iters}))
 
@@ -343,7 +346,6 @@ def _entmax_learned(params: Mapping[str, Any]) -> tuple[LearnedParameter, ...]:
 register_regularizer(
     Regularizer(
         name="entmax",
-        omega="epsilon * Tsallis_alpha(p) = epsilon * (sum_j p_j^alpha - 1) / (alpha (alpha - 1))",
         params=(
             EPSILON,
             Param(
@@ -386,6 +388,8 @@ def _sinkhorn(
     max_iters: int,
     grad: str,
 ) -> WeightsOutput:
+    """``Omega = -epsilon H(P)`` with both marginals fixed: doubly stochastic attention (Sander et al. 2022,
+    "Sinkformers"; Cuturi 2013)."""
     # kernel exp(scores / epsilon + log_prior) = exp((scores + epsilon * log_prior) / epsilon): the solver
     # gets the user's epsilon, so that its non-convergence advice speaks of the user's value
     if log_prior is not None:
@@ -394,14 +398,13 @@ def _sinkhorn(
     result = ops.sinkhorn_weights(
         scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, **extra
     )
-    n_iters_done = torch.as_tensor(result.n_iters, device=result.weights.device)
+    n_iters_done = torch.as_tensor(result.n_iters)  # an int stays on the host: no device copy per call
     return WeightsOutput(result.weights, {"marginal_error": result.marginal_error, "n_iters": n_iters_done})
 
 
 register_regularizer(
     Regularizer(
         name="sinkhorn",
-        omega="-epsilon * H(P) with both marginals fixed (doubly stochastic attention; Sander et al. 2022)",
         params=(
             EPSILON,
             Param(
@@ -438,6 +441,8 @@ def _ot(
     template_gram: torch.Tensor | None = None,
     hidden_size: int | None = None,
 ) -> WeightsOutput:
+    """``Omega = W_gamma(p, u; M)``, the gamma-entropic OT distance to the preference ``u`` with the cost
+    ``M(a, b) = -<a, b> + C`` over the templates (keys): Section 9, eq. (22), Appendix D eq. (44)."""
     if template_gram is None:
         raise ValueError("the 'ot' regularizer needs template_gram (the Gram matrix of the keys)")
     if gamma is None:
@@ -454,7 +459,6 @@ def _ot(
 register_regularizer(
     Regularizer(
         name="ot",
-        omega="gamma-entropic OT distance W_gamma(p, u; M), M(a, b) = -<a, b> + C (Section 9, eq. (22), (44))",
         params=(
             Param("alpha", 1.0, _positive, "a finite float > 0", "evidence strength (eq. (3))"),
             Param(

@@ -67,11 +67,13 @@ def test_legacy_n_iter_is_read_as_max_iters() -> None:
 
 
 def test_committed_checkpoint_configs_load() -> None:
-    """Every config.json under checkpoints/ parses with the current schema."""
+    """Every packaged checkpoint's config.json parses with the current schema."""
     import json
     from pathlib import Path
 
-    found = sorted(Path(__file__).parents[1].glob("checkpoints/*/config.json"))
+    import hf_eot
+
+    found = sorted(Path(hf_eot.__file__).parent.glob("data/checkpoints/*/config.json"))
     assert found
     for path in found:
         raw = json.loads(path.read_text()).get("eot_attention")

@@ -61,7 +61,8 @@ def test_epsilon_is_a_temperature() -> None:
 
 
 def test_prior_softmax_closed_form() -> None:
-    """With log_prior = log pi: p_j = pi_j exp(s_j/eps) / sum_l pi_l exp(s_l/eps) (note 001, PriorSoftmax)."""
+    """With log_prior = log pi: p_j = pi_j exp(s_j / epsilon) / sum_l pi_l exp(s_l / epsilon) (the prior
+    softmax of "Deciphering Attention Mechanisms: Optimization and Fenchel Dual Solutions", eq. (17)-(18))."""
     scores = torch.randn(4, 6, dtype=torch.float64)
     pi = torch.rand(4, 6, dtype=torch.float64) + 0.1
     pi = pi / pi.sum(-1, keepdim=True)

@@ -39,9 +39,11 @@ def test_duplicate_registration_is_refused() -> None:
 
 
 def test_only_sinkhorn_couples_queries_and_only_ot_needs_templates() -> None:
-    """The flags that the Transformers glue relies on are set on the right entries."""
+    """The flags that the Transformers glue relies on are set on the right entries: Sinkhorn couples
+    queries, OT needs templates, softmax alone may run on fused SDPA."""
     assert [n for n, r in REGISTRY.items() if r.couples_queries] == ["sinkhorn"]
     assert [n for n, r in REGISTRY.items() if r.needs_templates] == ["ot"]
+    assert [n for n, r in REGISTRY.items() if r.is_sdpa] == ["softmax"]
 
 
 def test_weights_hooks_return_weights_output() -> None:

@@ -103,7 +103,9 @@ def _append_partner_templates(
     if not isinstance(partners, torch.Tensor) or partners.shape != (batch,):
         raise ValueError(f"eot_template_partners must be an integer tensor of shape ({batch},), got {partners!r}")
     if partners.dtype.is_floating_point or partners.dtype.is_complex or partners.dtype == torch.bool:
-        raise ValueError(f"eot_template_partners must hold integer example indices (-1: none), got dtype {partners.dtype}")
+        raise ValueError(
+            f"eot_template_partners must hold integer example indices (-1: none), got dtype {partners.dtype}"
+        )
     if bool(((partners < -1) | (partners >= batch)).any()):
         raise ValueError(
             f"eot_template_partners must hold example indices in 0..{batch - 1} (or -1: none), got {partners.tolist()}"

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import CONFIG_KEY, PARTS, AttentionSpec, EOTAttentionConfig, Override, as_layers
 from .modules import attention_modules, index_from_name, model_parts
-from .parameters import sync_parameters
+from .parameters import mark_checked, sync_parameters
 
 __all__ = ["configure"]
 
@@ -82,6 +82,7 @@ def configure(
     raw = new.to_dict()
     for target in _configs(config, model):
         setattr(target, CONFIG_KEY, raw)
+        mark_checked(target, raw)
     if model is not None:
         _sync_model(model)
     return config_or_model

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +37,38 @@ __all__ = [
 NUM_RELATIVE_BUCKETS = 32
 RELATIVE_MAX_DISTANCE = 128
 
+# config object -> the eot_attention dict last checked against its model (one check per config and dict,
+# however many attention modules share the config)
+_CHECKED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def mark_checked(config: Any, raw: Any) -> None:
+    """Record that ``raw`` was checked against the model of ``config`` (``configure`` checks before it
+    writes), so that the modules do not check it again."""
+    try:
+        _CHECKED[config] = copy.deepcopy(raw)
+    except TypeError:
+        pass
+
+
+def _check_fits_model(config: Any, raw: Any, parsed: EOTAttentionConfig) -> None:
+    """``parsed.check_model`` against the parts of the model ``config`` describes, once per dict."""
+    try:
+        if _CHECKED.get(config) == raw:
+            return
+    except TypeError:  # a config that cannot be weakly referenced: check every time
+        pass
+    try:
+        parts = model_parts(config)
+    except ValueError:
+        parts = None  # an architecture whose layers cannot be counted: nothing to check against
+    if parts is not None:
+        try:
+            parsed.check_model(parts, getattr(config, "model_type", ""))
+        except ValueError as error:
+            raise ValueError(f"config.{CONFIG_KEY} does not fit this model: {error}") from None
+    mark_checked(config, raw)
+
 
 def module_spec(module: nn.Module) -> AttentionSpec:
     """The spec of ``config.eot_attention`` that applies to ``module``.
@@ -49,15 +83,7 @@ def module_spec(module: nn.Module) -> AttentionSpec:
         return cached[1]
     parsed = EOTAttentionConfig.from_dict(raw)
     if raw is not None:
-        try:
-            parts = model_parts(module.config)
-        except ValueError:
-            parts = None  # an architecture whose layers cannot be counted: nothing to check against
-        if parts is not None:
-            try:
-                parsed.check_model(parts, getattr(module.config, "model_type", ""))
-            except ValueError as error:
-                raise ValueError(f"config.{CONFIG_KEY} does not fit this model: {error}") from None
+        _check_fits_model(module.config, raw, parsed)
     index = layer_index(module)
     if index is None and parsed.depends_on_layer:
         raise ValueError(

@@ -165,7 +165,8 @@ def test_reconfigure_removes_unneeded_parameters() -> None:
 
 def test_t5_prior_softmax_is_the_closed_form() -> None:
     """T5's position bias is the log-prior: with epsilon, the attention rows equal
-    pi_j exp(s_j / eps) / sum_l pi_l exp(s_l / eps) with log pi = position bias (paper 003 eq. 17-18)."""
+    pi_j exp(s_j / epsilon) / sum_l pi_l exp(s_l / epsilon) with log pi = position bias ("Deciphering
+    Attention Mechanisms: Optimization and Fenchel Dual Solutions", eq. (17)-(18))."""
     model = build("t5", "eot")
     hf_eot.configure(model, "softmax", epsilon=2.0)
     ids, mask = padded_tokens()

@@ -12,7 +12,7 @@ from .models import build, padded_tokens
 
 SETTINGS = {
     "softmax": {},
-    "softmax-eps": {"epsilon": 0.5},
+    "softmax-epsilon": {"epsilon": 0.5},
     "softmax-alibi": {"prior": "alibi"},
     "softmax-buckets": {"prior": "relative_buckets"},
     "sparsemax": {},
