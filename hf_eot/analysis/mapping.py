@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_KEY, PARTS, EOTAttentionConfig
+from ..integration.modules import locate_attention
 
 __all__ = [
     "COMPONENTS",
@@ -105,7 +105,6 @@ class ArchitectureSpec:
         attention_class: class name of the attention module to hook.
         q, k, v: attribute names of the query, key and value projections (``nn.Linear``).
         n_heads_attr, head_dim_attr: attribute names of the head count and head size.
-        site: maps a module's qualified name to ``(component, layer)`` or None (not analysed).
         hidden_arg, mask_arg: names of the forward arguments holding the query-side input and the mask.
         kv_arg: name of the key-side input of cross-attention (None: self-attention only).
         position_bias_output: index of the position bias in the module's output tuple (T5), or None.
@@ -118,7 +117,6 @@ class ArchitectureSpec:
     v: str
     n_heads_attr: str
     head_dim_attr: str
-    site: Callable[[str], tuple[str, int] | None]
     hidden_arg: str = "hidden_states"
     mask_arg: str = "attention_mask"
     kv_arg: str | None = None
@@ -160,32 +158,6 @@ def get_architecture(model_or_type: nn.Module | str) -> ArchitectureSpec:
         ) from None
 
 
-def _bert_site(name: str) -> tuple[str, int] | None:
-    m = re.search(r"(?:^|\.)layer\.(\d+)\.attention\.self$", name)
-    if m:
-        return "encoder", int(m.group(1))
-    if re.search(r"(?:^|\.)layer\.(\d+)\.crossattention\.self$", name):
-        raise UnsupportedModelError("BERT cross-attention (add_cross_attention=True) has no mapping yet")
-    return None
-
-
-def _vit_site(name: str) -> tuple[str, int] | None:
-    m = re.search(r"(?:^|\.)layers?\.(\d+)\.attention(?:\.attention)?$", name)
-    return ("encoder", int(m.group(1))) if m else None
-
-
-def _t5_site(name: str) -> tuple[str, int] | None:
-    m = re.search(
-        r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.(SelfAttention|EncDecAttention)$", name
-    )
-    if not m:
-        return None
-    stack, layer, kind = m.group(1), int(m.group(2)), m.group(3)
-    if kind == "EncDecAttention":
-        return "cross", layer
-    return ("encoder" if stack == "encoder" else "decoder"), layer
-
-
 register_architecture(
     ArchitectureSpec(
         model_type="bert",
@@ -195,7 +167,6 @@ register_architecture(
         v="value",
         n_heads_attr="num_attention_heads",
         head_dim_attr="attention_head_size",
-        site=_bert_site,
     )
 )
 register_architecture(
@@ -207,7 +178,6 @@ register_architecture(
         v="v_proj",
         n_heads_attr="num_attention_heads",
         head_dim_attr="head_dim",
-        site=_vit_site,
     )
 )
 register_architecture(
@@ -219,7 +189,6 @@ register_architecture(
         v="v",
         n_heads_attr="n_heads",
         head_dim_attr="key_value_proj_dim",
-        site=_t5_site,
         mask_arg="mask",
         kv_arg="key_value_states",
         position_bias_output=1,
@@ -241,18 +210,17 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """All analysable attention modules of `model`, sorted by component then layer."""
     spec = get_architecture(model)
     sites = []
-    for name, module in model.named_modules():
-        if type(module).__name__ != spec.attention_class:
+    for location in locate_attention(model):
+        if type(location.module).__name__ != spec.attention_class:
             continue
-        role = spec.site(name)
-        if role is not None:
-            sites.append(AttentionSite(role[0], role[1], name, module))
+        if location.part == "cross" and spec.kv_arg is None:
+            raise UnsupportedModelError(f"{spec.model_type} cross-attention has no mapping yet")
+        sites.append(AttentionSite(location.part, location.layer, location.name, location.module))
     if not sites:
         raise UnsupportedModelError(
             f"found no {spec.attention_class} modules in {type(model).__name__} (model type {spec.model_type!r})"
         )
-    order = {c: i for i, c in enumerate(COMPONENTS)}
-    return sorted(sites, key=lambda s: (order[s.component], s.layer))
+    return sites  # locate_attention sorts by part (= component) then layer
 
 
 @dataclass

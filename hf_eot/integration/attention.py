@@ -28,6 +28,7 @@ from transformers.masking_utils import sdpa_mask
 from ..config import AttentionSpec
 from ..ops.priors import alibi_bias, relative_position_buckets
 from ..regularizers import get_regularizer
+from .adapters import warn_if_frozen
 from .modules import hidden_size, layer_index, model_parts, module_part, num_heads
 from .parameters import NUM_RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE, learned_values, module_spec
 
@@ -210,6 +211,8 @@ def eot_attention_forward(
         )
 
     regularizer = get_regularizer(spec.regularizer)
+    if torch.is_grad_enabled():
+        warn_if_frozen(module)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)

@@ -11,6 +11,7 @@ from torch import nn
 from ..config import CONFIG_KEY, PARTS, AttentionSpec, EOTAttentionConfig, Override, as_layers
 from .modules import attention_modules, index_from_name, model_parts
 from .parameters import mark_checked, sync_parameters
+from .registration import request_eot, require_eot
 
 __all__ = ["configure"]
 
@@ -50,15 +51,21 @@ def configure(
     Returns:
         ``config_or_model``, for chaining.
 
+    A model must run ``"eot"``; a config is made to ask for it (models built from it run ``"eot"``, and it
+    is saved with ``"attn_implementation": "eot"``).
+
     Raises:
-        ValueError: naming the bad value and the valid choices, for an unknown regularizer or parameter,
-            an out-of-range value, a layer index or part that the model does not have, a map that
-            couples queries (Sinkhorn) on a decoder part, or a position prior on cross-attention.
+        ValueError: for a model that does not run ``"eot"`` (naming the fix), or one with no attention
+            module hf_eot can drive; naming the bad value and the valid choices, for an unknown regularizer
+            or parameter, an out-of-range value, a layer index or part that the model does not have, a map
+            that couples queries (Sinkhorn) on a decoder part, or a position prior on cross-attention.
     """
     model = config_or_model if isinstance(config_or_model, nn.Module) else None
     config = model.config if model is not None else config_or_model
     if not hasattr(config, "to_dict"):
         raise ValueError(f"configure expects a transformers config or model, got {type(config_or_model).__name__}")
+    if model is not None:
+        require_eot(model)
 
     if isinstance(regularizer, EOTAttentionConfig):
         if layers is not None or part is not None or params:
@@ -77,12 +84,13 @@ def configure(
         else:
             current = EOTAttentionConfig.from_dict(getattr(config, CONFIG_KEY, None))
             new = current.with_override(Override(spec, layer_tuple, part))
-    new.check_model(model_parts(config), getattr(config, "model_type", ""))
+    new.check_model(model_parts(model if model is not None else config), getattr(config, "model_type", ""))
 
     raw = new.to_dict()
     for target in _configs(config, model):
         setattr(target, CONFIG_KEY, raw)
         mark_checked(target, raw)
+        request_eot(target)
     if model is not None:
         _sync_model(model)
     return config_or_model

@@ -11,7 +11,7 @@ import torch
 import hf_eot
 from hf_eot.integration.modules import attention_modules
 
-from .models import build, padded_tokens
+import _tiny as tiny
 
 
 def _alphas(model) -> list[torch.Tensor]:
@@ -20,7 +20,7 @@ def _alphas(model) -> list[torch.Tensor]:
 
 def test_reconfigured_alpha_follows_the_config() -> None:
     """learn_alpha at 1.3 then at 1.7: the parameters start again at 1.7, as the config says."""
-    model = build("bert", "eot")
+    model = tiny.model("bert", "eot")
     hf_eot.configure(model, "entmax", alpha=1.3, learn_alpha=True)
     hf_eot.configure(model, "entmax", alpha=1.7, learn_alpha=True)
     assert model.config.eot_attention["default"]["alpha"] == 1.7
@@ -31,7 +31,7 @@ def test_reconfigured_alpha_follows_the_config() -> None:
 def test_adding_a_prior_keeps_a_trained_alpha() -> None:
     """Adding relative buckets to a trained learned-alpha model keeps the very same alpha parameters (an
     optimizer holding them keeps training them) and adds zero-initialised buckets."""
-    model = build("bert", "eot")
+    model = tiny.model("bert", "eot")
     hf_eot.configure(model, "entmax", alpha=1.4, learn_alpha=True)
     attention = model.encoder.layer[0].attention.self
     logit = attention.eot_parameters.alpha_logit
@@ -50,11 +50,11 @@ def test_adding_a_prior_keeps_a_trained_alpha() -> None:
 def test_changes_on_a_trained_model_warn_at_the_callers_line() -> None:
     """Creating or replacing learned parameters on a model with gradients warns (an optimizer may hold
     the old ones), pointing at the caller; a fresh model configures silently."""
-    model = build("bert", "eot")
+    model = tiny.model("bert", "eot")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf_eot.configure(model, "entmax", alpha=1.3, learn_alpha=True)
-    ids, mask = padded_tokens()
+    ids, mask = tiny.padded_tokens()
     model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
     with pytest.warns(UserWarning, match="build it \\(again\\) after configure") as record:
         hf_eot.configure(model, "entmax", alpha=1.7, learn_alpha=True)
@@ -65,7 +65,7 @@ def test_changes_on_a_trained_model_warn_at_the_callers_line() -> None:
 
 def test_discarding_trained_values_warns_without_gradients() -> None:
     """Re-initialising an alpha that holds trained (or loaded) values warns even without gradients."""
-    model = build("bert", "eot")
+    model = tiny.model("bert", "eot")
     hf_eot.configure(model, "entmax", alpha=1.3, learn_alpha=True)
     with torch.no_grad():
         model.encoder.layer[0].attention.self.eot_parameters.alpha_logit.add_(1.0)
@@ -76,12 +76,12 @@ def test_discarding_trained_values_warns_without_gradients() -> None:
 def test_learn_alpha_edited_into_a_live_config_is_reported() -> None:
     """Setting learn_alpha in model.config.eot_attention by hand (no configure, so no parameters) raises
     at forward with the fix, instead of an AttributeError or a silently fixed alpha."""
-    model = build("bert", "eot")
+    model = tiny.model("bert", "eot")
     hf_eot.configure(model, "entmax", alpha=1.3)
     edited = dict(model.config.eot_attention)
     edited["default"] = {**edited["default"], "learn_alpha": True}
     model.config.eot_attention = edited
-    ids, mask = padded_tokens()
+    ids, mask = tiny.padded_tokens()
     with pytest.raises(ValueError, match=r"asks for learned \['alpha'\].*call hf_eot.configure"):
         model(input_ids=ids, attention_mask=mask)
     hf_eot.configure(model, "entmax", alpha=1.3, learn_alpha=True)

@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import hf_eot
 from hf_eot import attention_weights
 
-from .models import build, padded_tokens
+import _tiny as tiny
 
 SINKHORN = {"tol": 1e-6, "max_iters": 2000}
 
@@ -19,8 +19,8 @@ def test_custom_mask_with_false_diagonal_keeps_real_rows() -> None:
     """A custom 4D mask where no token attends to itself: real tokens' Sinkhorn rows still sum to one (the
     diagonal says nothing about padding), padded tokens' rows are zero, and the layer-0 weights equal the
     functional API's on the same mask with the padded query rows removed."""
-    model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", **SINKHORN))
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", **SINKHORN))
+    ids, mask = tiny.padded_tokens()
     length = ids.shape[1]
     custom = mask[:, None, None, :].bool() & ~torch.eye(length, dtype=torch.bool)  # (B, 1, L, L)
     with torch.no_grad():
@@ -50,12 +50,16 @@ def _clip_text() -> CLIPTextModel:
 
 
 def test_sinkhorn_is_refused_on_a_call_that_is_causal() -> None:
-    """CLIP's text attention is a non-causal module called with is_causal=True: Sinkhorn is refused at
-    forward (it would leak future tokens), without advising part='encoder', which is this very part."""
+    """CLIP's text attention is a non-causal module called with is_causal=True: it is a decoder part, so
+    Sinkhorn is refused at configure, and a hand-written config is refused at forward (it would leak future
+    tokens), neither advising part='encoder', which the model lacks."""
     model = _clip_text()
-    hf_eot.configure(model, "sinkhorn")
+    with pytest.raises(ValueError, match="couples all queries .* no encoder part") as error:
+        hf_eot.configure(model, "sinkhorn")
+    assert "part='encoder'" not in str(error.value)
+    model.config.eot_attention = {"version": 1, "default": {"regularizer": "sinkhorn"}}
     ids = torch.randint(2, 64, (2, 6))
-    with pytest.raises(ValueError, match="couples all queries .* in a causal attention call") as error:
+    with pytest.raises(ValueError, match="couples all queries") as error:
         model(input_ids=ids)
     assert "part='encoder'" not in str(error.value)
 
@@ -63,8 +67,8 @@ def test_sinkhorn_is_refused_on_a_call_that_is_causal() -> None:
 def test_sinkhorn_is_refused_with_a_causal_mask() -> None:
     """An encoder called with a causal (lower-triangular) 4D mask is causal too: Sinkhorn is refused; a
     padded non-causal mask is accepted."""
-    model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=5))
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=5))
+    ids, mask = tiny.padded_tokens()
     causal = mask[:, None, None, :].bool() & torch.ones(9, 9, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match="in a causal attention call"):
         model(input_ids=ids, attention_mask=causal)
@@ -74,8 +78,8 @@ def test_sinkhorn_is_refused_with_a_causal_mask() -> None:
 def test_marginal_diagnostics_are_kept_on_the_module() -> None:
     """Each Sinkhorn module keeps the solver's diagnostics: eot_marginal_error (batch, heads), below tol
     once converged, and eot_n_iters (the fixed budget when n_iters is set)."""
-    model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=7))
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=7))
+    ids, mask = tiny.padded_tokens()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     attention = model.encoder.layer[1].attention.self
