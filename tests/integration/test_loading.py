@@ -120,3 +120,12 @@ def test_without_hf_eot_loading_fails_loudly_instead_of_running_softmax(tmp_path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert 'attn_implementation="eot"' in proc.stdout
+
+
+def test_configuring_the_config_of_a_live_model_does_not_switch_it() -> None:
+    """configure on the config of a model that already runs "sdpa" records the choice (saved with
+    attn_implementation="eot") but leaves the running model alone."""
+    model = tiny.model("bert", "sdpa")
+    hf_eot.configure(model.config, "sparsemax")
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.to_dict()["attn_implementation"] == "eot"
