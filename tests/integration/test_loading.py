@@ -98,6 +98,7 @@ def test_configured_config_builds_an_eot_model() -> None:
     assert AutoModel.from_config(config, attn_implementation="eager").config._attn_implementation == "eager"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Transformers
 def test_without_hf_eot_loading_fails_loudly_instead_of_running_softmax(tmp_path: Path) -> None:
     """In a process that never imports hf_eot, from_pretrained on a configured checkpoint raises (naming
     attn_implementation "eot") instead of silently running softmax."""
