@@ -16,9 +16,9 @@ Newton runs on the sample too, for a like-for-like check, and every method's sol
 
 Inputs: the 64 built-in example sentences alone and 192 pairs of them (256 inputs, 8-70 tokens).
 
-Also, in the same run: Newton on every problem of the byte-level T5 checkpoint
-(``checkpoints/t5-bbc-titles``: encoder, decoder and cross-attention, the 64 built-in sentences,
-decoder inputs = its greedy output) with the paper's split, its time per problem as a ratio to MiniLM's.
+Also, in the same run: Newton on every problem of the byte-level T5 checkpoint packaged with hf_eot
+(``hf_eot/data/checkpoints/t5-bbc-titles``: encoder, decoder and cross-attention, the 64 built-in
+sentences, decoder inputs = its greedy output) with the paper's split, its time per problem as a ratio to MiniLM's.
 
 Usage: python benchmarks/dual.py [--inputs 256] [--sample 64] [--threads 1] [--t5 PATH|none] [--json out.json]
 """
@@ -225,6 +225,8 @@ def lbfgs_solve(t, z, u, tol):
 
 
 def main(argv=None) -> int:
+    from hf_eot.analysis.inputs import packaged_checkpoints_dir
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", type=int, default=256)
     ap.add_argument("--sample", type=int, default=64, help="problems the baselines solve (extrapolated)")
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--t5",
-        default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "t5-bbc-titles"),
+        default=str(packaged_checkpoints_dir() / "t5-bbc-titles"),
         help="T5 checkpoint whose problems Newton also solves ('none' to skip)",
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -61,6 +60,14 @@ def _mean_step(marks: list[tuple[float, float]], warmup: int) -> tuple[float, fl
     if not steps:
         raise ValueError(f"no timed steps: {len(marks) - 1} steps run, warm-up {warmup}")
     return statistics.fmean(w for w, _ in steps), statistics.fmean(c for _, c in steps)
+
+
+T5_VARIANTS = [
+    "softmax",
+    "sinkhorn:n_iters=20@encoder",
+    "softmax:prior=relative_buckets@encoder+decoder",
+    "softmax:prior=alibi@encoder+decoder",
+]
 
 
 class StepTimer(TrainerCallback):
@@ -93,7 +100,7 @@ def trainer_step_seconds(trainer, steps: int, warmup: int) -> tuple[float, float
 
 
 def bare_step_seconds(trainer, steps: int, warmup: int) -> tuple[float, float]:
-    """Mean (wall, CPU) seconds of ``loss = model(**batch).loss; loss.backward()`` on one batch of the trainer's size,
+    """Mean (wall, CPU) seconds of ``model(**batch).loss.backward()`` on one batch of the trainer's size,
     built by its collator from its training set (no optimizer, no data loading)."""
     model, dataset = trainer.model, trainer.train_dataset
     size = min(len(dataset), trainer.args.per_device_train_batch_size)
@@ -151,12 +158,15 @@ def t5_factory(variant: str, quick: bool, out: str) -> Callable[[], object]:
 
 
 def pipelines(args, out: str) -> None:
+    makers = {
+        "ViT (ot_vit.py vit)": lambda: vit_factory("vit", args.quick, out),
+        "OT-ViT (ot_vit.py ot-vit)": lambda: vit_factory("ot-vit", args.quick, out),
+        "MiniLM softmax (text_classification.py)": lambda: bbc_factory("softmax", args.quick, out),
+    }
+    for variant in T5_VARIANTS:
+        makers[f"T5 {variant} (t5_titles.py)"] = lambda v=variant: t5_factory(v, args.quick, out)
     rows = {
-        "ViT (ot_vit.py vit)": vit_factory("vit", args.quick, out),
-        "OT-ViT (ot_vit.py ot-vit)": vit_factory("ot-vit", args.quick, out),
-        "MiniLM softmax (text_classification.py)": bbc_factory("softmax", args.quick, out),
-        "T5 softmax (t5_titles.py)": t5_factory("softmax", args.quick, out),
-        "T5 sinkhorn@encoder (t5_titles.py)": t5_factory("sinkhorn:n_iters=20@encoder", args.quick, out),
+        name: make() for name, make in makers.items() if not args.only or any(o in name for o in args.only)
     }
     best: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
     shapes: dict[str, str] = {}
@@ -214,15 +224,23 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=None, help="best of this many rounds (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     p.add_argument(
-        "--regularizers", nargs="+", default=REGULARIZERS, help="specs for `regularizers` (default: %(default)s)"
+        "--regularizers",
+        nargs="+",
+        default=REGULARIZERS,
+        help="specs for `regularizers` (default: %(default)s)",
     )
     p.add_argument("--max-length", type=int, default=None, help="BBC tokens (default: the example's)")
+    p.add_argument(
+        "--only", nargs="+", default=None, help="`pipelines`: only the rows whose name holds one of these"
+    )
     args = p.parse_args(argv)
     for key, full, quick in (("steps", 10, 2), ("warmup", 3, 1), ("rounds", 2, 1)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        raise ValueError(f"need steps >= 1, warmup >= 0, rounds >= 1; got {args.steps}, {args.warmup}, {args.rounds}")
+        raise ValueError(
+            f"need steps >= 1, warmup >= 0, rounds >= 1; got {args.steps}, {args.warmup}, {args.rounds}"
+        )
     _common.set_threads(args.threads)
     import transformers
 

@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover
 from _stats import format_ci, mean_ci  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The folder of the committed demonstration checkpoints (``--save-dir`` of the documented commands).
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+#: The folder of the packaged demonstration checkpoints (``--save-dir`` of the documented commands).
+CHECKPOINTS_DIR = REPO_ROOT / "hf_eot" / "data" / "checkpoints"
 
 
 def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:
@@ -153,8 +153,8 @@ def add_runtime_arguments(parser) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1: these models are too small for more to pay off, and "
-        "OpenMP threads spinning on a busy CPU can slow a step down tenfold; 0 = torch's default)",
+        help="torch intra-op threads (default 1: OpenMP threads spin-waiting on a busy CPU can slow a step "
+        "down tenfold; use more cores with more processes, e.g. accelerate launch; 0 = torch's default)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of the protocol in seconds (tiny data and model)"
@@ -212,7 +212,7 @@ class TensorDataset(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class Trim:
-    """Cut ``columns`` of a padded batch to the last position where ``reference`` is not ``pad`` in any row."""
+    """Cut ``columns`` of a padded batch after the last position where ``reference`` is not ``pad``."""
 
     reference: str
     pad: int

@@ -149,10 +149,16 @@ def texts(data, task: str) -> dict[str, tuple[list[str], list[str]]]:
 def tensorize(tokenizer, sources: list[str], targets: list[str], args) -> TensorDataset:
     """Bytes -> ids once: ``input_ids`` / ``attention_mask`` (n, source_bytes) and ``labels``
     (n, target_bytes), right-padded (labels with -100)."""
-    enc = tokenizer(sources, truncation=True, max_length=args.source_bytes, padding="max_length", return_tensors="pt")
-    tgt = tokenizer(targets, truncation=True, max_length=args.target_bytes, padding="max_length", return_tensors="pt")
+    enc = tokenizer(
+        sources, truncation=True, max_length=args.source_bytes, padding="max_length", return_tensors="pt"
+    )
+    tgt = tokenizer(
+        targets, truncation=True, max_length=args.target_bytes, padding="max_length", return_tensors="pt"
+    )
     labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
-    return TensorDataset({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return TensorDataset(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    )
 
 
 #: A batch cuts the sources to its longest source and the labels to its longest target.
@@ -204,7 +210,6 @@ def build_model(args, variant: str, seed: int, tokenizer):
 
 def cache_demo(model, tokenizer, texts: list[str], max_new_tokens: int) -> dict:
     """Greedy generation with and without the KV cache: same titles, and how long each took."""
-    import torch
 
     model.eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
@@ -248,7 +253,11 @@ def build_trainer(args, variant: str, seed: int, data, tokenizer):
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model = build_model(args, variant, seed, tokenizer)
-    out = Path(args.output_dir) / _common.spec_label(variant.replace("@", "-").replace("+", "-")) / f"seed{seed}"
+    out = (
+        Path(args.output_dir)
+        / _common.spec_label(variant.replace("@", "-").replace("+", "-"))
+        / f"seed{seed}"
+    )
     targs = _common.training_arguments(
         Seq2SeqTrainingArguments,
         args,
@@ -423,7 +432,9 @@ def main(argv=None) -> dict:
                 | {"seeds": sorted({r["seed"] for r in runs})},
                 path=target,
                 title=f"Byte-level T5 for BBC News {args.task}: attention variants",
-                model_id=str(Path(args.save_dir) / checkpoint_name(last, args.task)) if args.save_dir else None,
+                model_id=str(Path(args.save_dir) / checkpoint_name(last, args.task))
+                if args.save_dir
+                else None,
                 description="Each row of the results is a separately trained model; the attention table "
                 "shows the last variant's configuration.",
             )
@@ -452,7 +463,8 @@ def main(argv=None) -> dict:
                     | {"seed": last_run["seed"], "steps": last_run["steps"]},
                     path=folder,
                     title=f"Byte-level T5 (tiny) for BBC News {args.task}, {variant} attention",
-                    description="Trained from scratch with hf_eot's example `examples/t5_titles.py`; input: the "
+                    description="Trained from scratch with hf_eot's example `examples/t5_titles.py`; "
+                    "input: the "
                     f"first {args.source_bytes} bytes of the article, output: its {args.task}. A demonstration "
                     "checkpoint for the analysis tools.",
                 )

@@ -3,6 +3,7 @@
 import json
 
 import _checkpoints
+import _tiny
 import pytest
 
 from hf_eot.analysis import analyze
@@ -11,17 +12,8 @@ from hf_eot.analysis.output import MARKER, OutputFolderError, check_output_folde
 
 @pytest.fixture(scope="module")
 def result():
-    from transformers import BertConfig, BertModel
-
-    model = BertModel(
-        BertConfig(
-            vocab_size=30, hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
-        )
-    ).eval()
-    import torch
-
-    batch = {"input_ids": torch.tensor([[2, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    return analyze(model, batch)
+    """The analysis of a one-layer tiny BERT on one padded batch."""
+    return analyze(_tiny.model("bert", "eager", num_hidden_layers=1), _tiny.text_batch(2, 5))
 
 
 def test_marker_lists_every_file_with_its_hash(result, tmp_path):

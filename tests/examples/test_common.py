@@ -80,11 +80,17 @@ def test_pad_sequences_right_pads_and_truncates():
 def test_t5_variant_parts_and_checkpoint_names():
     import t5_titles
 
-    assert t5_titles.parse_variant("softmax:prior=alibi@encoder+decoder") == ("softmax:prior=alibi", ["encoder", "decoder"])
+    assert t5_titles.parse_variant("softmax:prior=alibi@encoder+decoder") == (
+        "softmax:prior=alibi",
+        ["encoder", "decoder"],
+    )
     assert t5_titles.parse_variant("softmax") == ("softmax", [])
     assert t5_titles.checkpoint_name("softmax", "title") == "t5-bbc-titles"
     assert t5_titles.checkpoint_name("sinkhorn:n_iters=20@encoder", "category") == "t5-bbc-category-sinkhorn"
-    assert t5_titles.checkpoint_name("softmax:prior=alibi@encoder+decoder", "category") == "t5-bbc-category-alibi"
+    assert (
+        t5_titles.checkpoint_name("softmax:prior=alibi@encoder+decoder", "category")
+        == "t5-bbc-category-alibi"
+    )
 
 
 def test_t5_prior_variant_freezes_the_models_own_position_bias_at_zero():
@@ -102,7 +108,11 @@ def test_t5_prior_variant_freezes_the_models_own_position_bias_at_zero():
     cfg = model.config.eot_attention
     assert {o["part"] for o in cfg["overrides"]} == {"encoder", "decoder"}
     plain = t5_titles.build_model(args, "softmax", 0, tok)
-    assert all(m.relative_attention_bias.weight.requires_grad for m in plain.modules() if getattr(m, "has_relative_attention_bias", False))
+    assert all(
+        m.relative_attention_bias.weight.requires_grad
+        for m in plain.modules()
+        if getattr(m, "has_relative_attention_bias", False)
+    )
 
 
 def test_cut_columns_are_contiguous_so_models_can_view_them():

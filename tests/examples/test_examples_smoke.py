@@ -83,7 +83,8 @@ def test_t5_titles_smoke(tmp_path):
     for demo in out["generate_examples"].values():
         assert demo["same_with_and_without_cache"] is True
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "t5-bbc-category", "t5-bbc-category-alibi", "t5-bbc-category-relative-buckets", "t5-bbc-category-sinkhorn",
+        "t5-bbc-category", "t5-bbc-category-alibi", "t5-bbc-category-relative-buckets",
+        "t5-bbc-category-sinkhorn",
     ]  # fmt: skip
     from transformers import ByT5Tokenizer, T5ForConditionalGeneration
 
