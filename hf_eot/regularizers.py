@@ -373,8 +373,7 @@ register_regularizer(
 # --------------------------------------------------------------------------------------------------
 # Sinkhorn: both marginals fixed, all queries coupled
 
-_SINKHORN_TAKES_GRAD = "grad" in inspect.signature(ops.sinkhorn_weights).parameters
-_SINKHORN_GRADS = ("implicit", "unroll")
+_SINKHORN_GRADS: tuple[str, ...] = _sinkhorn_ops.GRAD_MODES
 
 
 def _sinkhorn(
@@ -394,9 +393,8 @@ def _sinkhorn(
     # gets the user's epsilon, so that its non-convergence advice speaks of the user's value
     if log_prior is not None:
         scores = scores + (log_prior.to(scores.dtype) if epsilon == 1.0 else epsilon * log_prior.to(scores.dtype))
-    extra = {"grad": grad} if _SINKHORN_TAKES_GRAD else {}
     result = ops.sinkhorn_weights(
-        scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, **extra
+        scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, grad=grad
     )
     n_iters_done = torch.as_tensor(result.n_iters)  # an int stays on the host: no device copy per call
     return WeightsOutput(result.weights, {"marginal_error": result.marginal_error, "n_iters": n_iters_done})
