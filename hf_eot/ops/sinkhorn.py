@@ -44,11 +44,6 @@ GRAD_MODES = ("implicit", "unroll")
 _CG_MAX_ITERS = 1000
 _CG_ITERS_COMPILED = 64
 
-#: Default target column-marginal error and iteration cap (used by the model configs too).
-DEFAULT_TOL = 1e-3
-DEFAULT_MAX_ITERS = 200
-
-
 class SinkhornConvergenceWarning(UserWarning):
     """Sinkhorn stopped at ``max_iters`` with a column-marginal error above ``tol``."""
 
