@@ -149,11 +149,11 @@ class SparsemaxFunction(torch.autograd.Function):
             return None, None
         (out,) = ctx.saved_tensors
         cdtype = compute_dtype(out.dtype)
-        supp = torch.sign(out.to(cdtype))  # 1 on the support, 0 elsewhere (out >= 0)
-        g = grad_out.to(cdtype) * supp
-        cnt = supp.sum(dim=-1, keepdim=True).clamp_(min=1.0)
+        supp = out > 0  # bool: one byte per entry, the only temporary besides g
+        g = torch.where(supp, grad_out.to(cdtype), 0.0)
+        cnt = supp.sum(dim=-1, keepdim=True, dtype=cdtype).clamp_(min=1.0)
         v_hat = g.sum(dim=-1, keepdim=True) / cnt  # mean of g over the support
-        g.addcmul_(supp, v_hat, value=-1.0)
+        g.sub_(v_hat).mul_(supp)
         return g.to(grad_out.dtype), None
 
 
