@@ -11,7 +11,8 @@ Peers, timed in the same process (best of ``--repeats`` after a warm-up):
 * ``plain-10``: a plain log-domain Sinkhorn unrolled for 10 iterations (:func:`plain_sinkhorn`, far
   from converged at std 4), differentiated by autograd;
 * ``hf_eot tol=1e-6``: :func:`hf_eot.ops.sinkhorn_weights` to a column-marginal error of 1e-6,
-  implicit backward (the default), and the same with ``grad="unroll"``;
+  implicit backward (the default); ``--unroll`` adds the same with ``grad="unroll"`` (plain
+  iterations, slow at std 4);
 * ``hf_eot 10 it``: ``n_iters=10`` (implicit backward);
 * ``POT``: ``ot.bregman.sinkhorn_log`` (numpy float64, forward only) on one problem, time times
   ``B * H``, to the same accuracy (POT's ``stopThr`` is on its own 2-norm marginal error).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -75,22 +77,24 @@ def inputs(n: int, std: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return q, k, v, g
 
 
-def methods() -> dict[str, Callable]:
+def methods(unroll: bool = False) -> dict[str, Callable]:
     def weights_then_values(fn: Callable) -> Callable:
         def run(q, k, v):
             return torch.matmul(fn(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)), v)
 
         return run
 
-    return {
+    found = {
         "sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
         "plain-10": weights_then_values(lambda s: plain_sinkhorn(s, 10)),
         "hf_eot tol=1e-6": weights_then_values(lambda s: sinkhorn_weights(s, tol=TOL).weights),
-        "hf_eot tol=1e-6 unroll": weights_then_values(
-            lambda s: sinkhorn_weights(s, tol=TOL, grad="unroll").weights
-        ),
         "hf_eot 10 it": weights_then_values(lambda s: sinkhorn_weights(s, n_iters=10).weights),
     }
+    if unroll:
+        found["hf_eot tol=1e-6 unroll"] = weights_then_values(
+            lambda s: sinkhorn_weights(s, tol=TOL, grad="unroll").weights
+        )
+    return found
 
 
 def fwd_bwd(fn: Callable, q, k, v, g) -> None:
@@ -125,7 +129,7 @@ def pot_forward(q, k, n: int) -> tuple[float, int]:
 def peak_memory_child(name: str, n: int, std: float) -> None:
     """In a fresh process: peak RSS increase (bytes) of one forward + backward, printed."""
     q, k, v, g = inputs(n, std)
-    fn = methods()[name]
+    fn = methods(unroll=True)[name]
     with open("/proc/self/statm") as fh:
         rss = int(fh.read().split()[1]) * resource.getpagesize()
     with warnings.catch_warnings():
@@ -136,8 +140,14 @@ def peak_memory_child(name: str, n: int, std: float) -> None:
 
 
 def peak_memory(name: str, n: int, std: float) -> float:
+    # a fixed mmap threshold makes glibc return every large block on free: RSS follows live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", name, str(n), str(std)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child", name, str(n), str(std)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
     return int(out.stdout.strip().splitlines()[-1]) / (4 * B * H * n * n)
 
@@ -149,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-pot", action="store_true")
+    parser.add_argument("--unroll", action="store_true", help="also time grad='unroll' to 1e-6")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -169,7 +180,7 @@ def main() -> None:
                 f"iterations to 1e-6; error after 10 plain iterations {plain_err:.2g}"
             )
             times = {}
-            for name, fn in methods().items():
+            for name, fn in methods(args.unroll).items():
                 times[name] = best_time(lambda fn=fn: fwd_bwd(fn, q, k, v, g), (), args.repeats)
             print(f"{'method':<24}{'time s':>9}{'spread':>8}{'/sdpa':>8}{'/plain-10':>11}{'peak mem /BHn^2 floats':>24}")
             for name, (t, t_max) in times.items():

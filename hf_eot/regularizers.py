@@ -24,7 +24,6 @@ Shared conventions (see :mod:`hf_eot.ops`):
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from . import ops
+from .ops import entmax as _entmax_ops
 from .ops import sinkhorn as _sinkhorn_ops
 
 __all__ = [
@@ -308,8 +308,6 @@ register_regularizer(
     )
 )
 
-# the iteration keyword of ops.entmax_weights (``max_iters``; older ops spelled it ``n_iter``)
-_ENTMAX_ITERS = "max_iters" if "max_iters" in inspect.signature(ops.entmax_weights).parameters else "n_iter"
 #: a learned alpha = 1 + sigmoid(logit) lives in (1, 2) (Correia et al. 2019, "Adaptively Sparse Transformers")
 _LEARNED_ALPHA_RANGE = (1.0, 2.0)
 
@@ -325,7 +323,7 @@ def _entmax(
 ) -> WeightsOutput:
     """``Omega = epsilon (sum_j p_j^alpha - 1) / (alpha (alpha - 1))`` (Tsallis; Peters et al. 2019, eq. (9))."""
     logits = _logits(scores, log_prior, epsilon)
-    return WeightsOutput(ops.entmax_weights(logits, alpha, mask, **{_ENTMAX_ITERS: max_iters}))
+    return WeightsOutput(ops.entmax_weights(logits, alpha, mask, max_iters=max_iters))
 
 
 def _entmax_check(params: Mapping[str, Any]) -> None:
@@ -360,8 +358,8 @@ register_regularizer(
                 "learn_alpha", False, lambda x: isinstance(x, bool), "True or False", "train alpha per head",
                 config_only=True,
             ),
-            Param("max_iters", 50, _positive_int, "an int >= 1", "bisection steps (alpha != 1.5, 2)",
-                  aliases=("n_iter",)),
+            Param("max_iters", _entmax_ops.DEFAULT_MAX_ITERS, _positive_int, "an int >= 1",
+                  "Newton steps on the threshold (alpha != 1.5, 2)", aliases=("n_iter",)),
             PRIOR,
         ),
         weights=_entmax,
@@ -373,8 +371,7 @@ register_regularizer(
 # --------------------------------------------------------------------------------------------------
 # Sinkhorn: both marginals fixed, all queries coupled
 
-_SINKHORN_TAKES_GRAD = "grad" in inspect.signature(ops.sinkhorn_weights).parameters
-_SINKHORN_GRADS = ("implicit", "unroll")
+_SINKHORN_GRADS: tuple[str, ...] = _sinkhorn_ops.GRAD_MODES
 
 
 def _sinkhorn(
@@ -394,9 +391,8 @@ def _sinkhorn(
     # gets the user's epsilon, so that its non-convergence advice speaks of the user's value
     if log_prior is not None:
         scores = scores + (log_prior.to(scores.dtype) if epsilon == 1.0 else epsilon * log_prior.to(scores.dtype))
-    extra = {"grad": grad} if _SINKHORN_TAKES_GRAD else {}
     result = ops.sinkhorn_weights(
-        scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, **extra
+        scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, grad=grad
     )
     n_iters_done = torch.as_tensor(result.n_iters)  # an int stays on the host: no device copy per call
     return WeightsOutput(result.weights, {"marginal_error": result.marginal_error, "n_iters": n_iters_done})

@@ -25,8 +25,8 @@ named position prior, is refused (:func:`softmax_epsilon`).
 
 The inputs are captured with forward hooks on the attention modules: nothing in Transformers is
 patched, and the hooks are removed when :func:`capture_attention` exits. A model type is supported
-when it has an entry in the registry (:func:`register_architecture`), which also says how the model
-takes its inputs (modality, encoder-decoder); others get :class:`UnsupportedModelError`.
+when it has an entry in the registry (:func:`register_architecture`); others get
+:class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -108,9 +108,6 @@ class ArchitectureSpec:
         hidden_arg, mask_arg: names of the forward arguments holding the query-side input and the mask.
         kv_arg: name of the key-side input of cross-attention (None: self-attention only).
         position_bias_output: index of the position bias in the module's output tuple (T5), or None.
-        modality: ``"text"`` (token ids) or ``"image"`` (pixel values).
-        encoder_decoder: the model needs decoder inputs (targets, or its own generated output).
-        dropped_inputs: tokenizer outputs the model does not accept (T5: ``token_type_ids``).
     """
 
     model_type: str
@@ -124,9 +121,6 @@ class ArchitectureSpec:
     mask_arg: str = "attention_mask"
     kv_arg: str | None = None
     position_bias_output: int | None = None
-    modality: str = "text"
-    encoder_decoder: bool = False
-    dropped_inputs: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}
@@ -184,7 +178,6 @@ register_architecture(
         v="v_proj",
         n_heads_attr="num_attention_heads",
         head_dim_attr="head_dim",
-        modality="image",
     )
 )
 register_architecture(
@@ -199,8 +192,6 @@ register_architecture(
         mask_arg="mask",
         kv_arg="key_value_states",
         position_bias_output=1,
-        encoder_decoder=True,
-        dropped_inputs=("token_type_ids",),
     )
 )
 

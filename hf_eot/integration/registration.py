@@ -73,10 +73,12 @@ def _on_module_registered(parent: nn.Module, name: str, submodule: nn.Module | N
 
 
 def request_eot(config: Any) -> None:
-    """Make ``config`` ask for ``"eot"``: models built from it run ``"eot"`` unless told otherwise, and it
-    is saved with ``"attn_implementation": "eot"`` (read back by ``from_pretrained``)."""
+    """Make ``config`` ask for ``"eot"``: it is saved with ``"attn_implementation": "eot"`` (read back by
+    ``from_pretrained``), and models built from it run ``"eot"`` unless told otherwise.  A config that a
+    model already runs with (its implementation is resolved) keeps that implementation: switching it here
+    would switch the model behind its back."""
     config.attn_implementation = ATTN_IMPLEMENTATION
-    if config._attn_implementation != ATTN_IMPLEMENTATION:
+    if config._attn_implementation is None:
         config._attn_implementation = ATTN_IMPLEMENTATION
 
 

@@ -1,6 +1,62 @@
 """Two-sided entropic optimal transport (Sinkhorn) attention: converged plans, implicit gradients.
 
-MODULE DOCSTRING (rewritten below once measured)
+Solves ``max_P <S, P> / epsilon + H(P)`` over the plans ``P >= 0`` with row sums ``a`` and column
+sums ``b`` ("Sinkhorn Distances: Lightspeed Computation of Optimal Transport", Cuturi 2013, eq. (2);
+"Sinkformers: Transformers with Doubly Stochastic Attention", Sander et al., arXiv:2110.11773), i.e.
+``P = diag(u) K diag(v)`` with ``K = exp(S / epsilon)``.  Attention rows alone give the one-sided
+problem ("Scaled-Dot-Product Attention as One-Sided Entropic Optimal Transport", Litman,
+arXiv:2508.08369); here the columns are constrained too (doubly stochastic attention).
+
+Marginals (tested convention): every valid query row (at least one allowed key) sums to 1; every
+valid key column sums to ``n_valid_queries / n_valid_keys`` of its problem (feasible when
+``n_queries != n_keys`` or with padding); masked entries, invalid rows and invalid columns are
+exactly 0.  The returned plan is always row-normalised as its last step (``P = softmax_k(F + log_v)``
+computed with a max shift, or ``K v`` divided by its float64 row sums), so rows sum to 1 to round-off
+whatever the scale of the scores; ``n_iters=0`` is the masked softmax.
+
+Iterations, with ``F = S / epsilon`` (``-inf`` where masked), potentials ``f`` (rows), ``g``
+(columns), ``row_lse(g)_i = log sum_j exp(F_ij + g_j)``::
+
+    g <- g + omega (log b - col_lse(f) - g)        (columns, over-relaxed)
+    f <-            -row_lse(g)                     (rows)
+
+* ``n_iters=k``: ``k`` plain iterations (``omega = 1``) in the log domain: no host sync, no
+  data-dependent control flow (``torch.compile(fullgraph=True)``: 0 graph breaks, both grad modes).
+* ``n_iters=None`` (default): in the scaling domain when safe: one exponential of the kernel
+  balanced in the log domain, ``Kb = exp(F - c_i - d_j)`` (``c`` row maxima, ``d`` column maxima
+  of ``F - c``), then matrix-vector products ``row_lse(g) = c + log(Kb exp(d + g))``; potentials in
+  float64 and products accumulated in float64 across blocks of 32 (a float32 matrix-vector product
+  alone has ~1e-6 relative error at n = 512, the floor the marginal error would hit).  If a valid
+  kernel entry underflows (scores spread over more than ~65 / epsilon after balancing) the log
+  domain is used; if the scalings leave the float range (infeasible masks) the solver restarts in
+  the log domain from its last check.  Over-relaxation ``omega`` per problem: 1 for the first
+  ``check_every`` iterations, then from the observed contraction ``mu`` via Young's relation
+  ``(mu + omega - 1)^2 = mu omega^2 eta`` to ``omega* = 2 / (1 + sqrt(1 - eta))`` (capped at 1.9,
+  halved towards 1 if the error grows) ("Overrelaxed Sinkhorn-Knopp Algorithm for Regularized
+  Optimal Transport", Thibault et al., arXiv:1711.01851; "A note on overrelaxation in the Sinkhorn
+  algorithm", Lehmann et al., arXiv:2012.12562).  Convergence is checked every ``check_every``
+  iterations (the only host syncs; under ``torch.compile`` these checks are the graph breaks).
+
+Measured (``benchmarks/sinkhorn.py``, float32, B=2, H=8, epsilon 1, scores ``q k^T / sqrt(d)`` at
+logit std 1 and 4): iterations to a column-marginal error of 1e-6, over-relaxed vs plain:
+n=512: 5 vs 4 (std 1), 55 vs 242 (std 4); n=1024: 5 vs 4 (std 1), 50 vs ~290 (std 4).  Near
+assignment (std 8) both need thousands; that is where ``max_iters`` and the warning matter.
+
+Gradients.  ``grad="implicit"`` (default): implicit differentiation of the optimality conditions
+``P 1 = a``, ``P^T 1 = b``: for ``L = <G, P>``, ``dL/dF = P * (G - w 1^T - 1 z^T)`` with
+``(diag(c) - P^T P) z = (G * P)^T 1 - P^T (G * P) 1`` (Schur complement of the dual Hessian
+``[[diag(P 1), P], [P^T, diag(c)]]``, ``c = P^T 1``), solved by conjugate gradients with matrix-vector
+products, and ``w = (G * P) 1 - P z``.  The autograd Function saves only the plan; backward cost
+and memory do not depend on the forward iterations.  With ``n_iters=k`` it is the derivative of
+the converged map taken at the ``k``-iteration plan.  ``grad="unroll"``: autograd through the plain
+log-domain iterations, checkpointed every ``check_every`` iterations (memory independent of the
+iteration count; exact derivative of the computed map).
+
+Defaults.  ``DEFAULT_TOL = 1e-4``: column sums within 0.01% of their target, two orders above the
+float32 round-off of the solver (~1e-7 measured), so it is also reached in the log-domain fallback,
+whose float32 potentials limit it to ~``|potential|`` ulps, and at long sequences; 1e-6 costs ~30%
+more iterations at std 4.  ``DEFAULT_MAX_ITERS = 1000``: 20x what std 4 needs; a bound on the time
+spent on near-assignment problems, which then warn (:class:`SinkhornConvergenceWarning`).
 """
 
 from __future__ import annotations
@@ -33,21 +89,16 @@ __all__ = [
 ]
 
 DEFAULT_TOL = 1e-4
-"""Default target column-marginal error (see the module docstring for the choice)."""
+"""Default target column-marginal error (the choice is explained in the module docstring)."""
 
 DEFAULT_MAX_ITERS = 1000
-"""Default iteration cap of the iterate-to-tolerance mode."""
+"""Default iteration cap of the iterate-to-tolerance mode (module docstring)."""
 
 GRAD_MODES = ("implicit", "unroll")
 
 # CG iterations of the implicit backward: cap when checked (eager), fixed count under torch.compile
 _CG_MAX_ITERS = 1000
 _CG_ITERS_COMPILED = 64
-
-#: Default target column-marginal error and iteration cap (used by the model configs too).
-DEFAULT_TOL = 1e-3
-DEFAULT_MAX_ITERS = 200
-
 
 class SinkhornConvergenceWarning(UserWarning):
     """Sinkhorn stopped at ``max_iters`` with a column-marginal error above ``tol``."""
@@ -85,7 +136,9 @@ class _Problem:
 
     def __init__(self, scores: Tensor, mask: Tensor | None, epsilon: float | Tensor) -> None:
         cdtype = compute_dtype(scores.dtype)
-        f = scores.to(cdtype) / epsilon  # (..., Q, K)
+        f = scores.to(cdtype)  # (..., Q, K); no copy for float32/64 scores and epsilon 1
+        if isinstance(epsilon, Tensor) or epsilon != 1:
+            f = f / epsilon
         n_q, n_k = scores.shape[-2], scores.shape[-1]
         if mask is None:
             row_valid = col_valid = None

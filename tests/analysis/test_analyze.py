@@ -31,8 +31,10 @@ def test_softmax_temperature_is_analysed_as_the_model_runs_it(tiny):
 def test_configured_model_running_another_implementation_is_refused(tiny):
     """A config asking for softmax epsilon = 2 on a model kept on "eager" (which ignores it) is refused,
     naming the fix, instead of silently analysing the epsilon = 1 attention."""
-    model = tiny.bert("eager")
-    hf_eot.configure(model.config, "softmax", epsilon=2.0)
+    model = tiny.bert("eot")
+    hf_eot.configure(model, "softmax", epsilon=2.0)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="attn_implementation='eot'"):
         analyze(model, tiny.text_batch(), attn_implementation=None)
 

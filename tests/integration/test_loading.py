@@ -98,6 +98,7 @@ def test_configured_config_builds_an_eot_model() -> None:
     assert AutoModel.from_config(config, attn_implementation="eager").config._attn_implementation == "eager"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and Transformers
 def test_without_hf_eot_loading_fails_loudly_instead_of_running_softmax(tmp_path: Path) -> None:
     """In a process that never imports hf_eot, from_pretrained on a configured checkpoint raises (naming
     attn_implementation "eot") instead of silently running softmax."""
@@ -120,3 +121,12 @@ def test_without_hf_eot_loading_fails_loudly_instead_of_running_softmax(tmp_path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert 'attn_implementation="eot"' in proc.stdout
+
+
+def test_configuring_the_config_of_a_live_model_does_not_switch_it() -> None:
+    """configure on the config of a model that already runs "sdpa" records the choice (saved with
+    attn_implementation="eot") but leaves the running model alone."""
+    model = tiny.model("bert", "sdpa")
+    hf_eot.configure(model.config, "sparsemax")
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.to_dict()["attn_implementation"] == "eot"
