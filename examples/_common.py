@@ -1,12 +1,16 @@
-"""Pieces shared by the example scripts: regularizer specs, results files, model cards."""
+"""Pieces shared by the example scripts: regularizer specs, tensor datasets, threads, results files."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,6 +23,13 @@ except ImportError:  # pragma: no cover
 from _stats import format_ci, mean_ci  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The folder of the packaged demonstration checkpoints (``--save-dir`` of the documented commands).
+CHECKPOINTS_DIR = REPO_ROOT / "hf_eot" / "data" / "checkpoints"
+
+
+def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<name>``, with ``root`` the committed checkpoints folder by default."""
+    return Path(root if root is not None else CHECKPOINTS_DIR) / name
 
 
 def parse_value(text: str) -> Any:
@@ -90,8 +101,6 @@ def summarize(runs: list[dict], group: str, metric: str) -> dict[str, dict[str, 
 
 
 def num_threads_note() -> str:
-    import torch
-
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -110,10 +119,10 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
     (``use_cpu=True`` on a machine without GPUs makes them gloo processes).  The examples' losses are plain
     means that ignore ``num_items_in_batch``; with ``average_tokens_across_devices=True`` (the default)
     Transformers' Trainer multiplies them by the number of processes, so N processes would train on an
-    N-times loss.
+    N-times loss.  The datasets are :class:`TensorDataset` s (``remove_unused_columns=False``: their
+    collator gets whole batches, not rows).
     """
-    import torch
-
+    settings = {"remove_unused_columns": False, "logging_steps": 50} | settings
     targs = cls(
         output_dir=str(output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -133,3 +142,112 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
     )
     targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
     return targs
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput: threads, tensor datasets, a collator that only slices
+# --------------------------------------------------------------------------------------------
+def add_runtime_arguments(parser) -> None:
+    """``--threads`` and ``--quick``, shared by the example scripts."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: OpenMP threads spin-waiting on a busy CPU can slow a step "
+        "down tenfold; use more cores with more processes, e.g. accelerate launch; 0 = torch's default)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run of the protocol in seconds (tiny data and model)"
+    )
+
+
+def parse_with_quick(parser, argv, quick: Mapping[str, Any]):
+    """Parse ``argv``; with ``--quick``, the settings in ``quick`` replace those left at their defaults
+    (an option given on the command line wins)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    return args
+
+
+def set_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` for n >= 1; 0 keeps torch's default."""
+    if n < 0:
+        raise ValueError(f"threads must be >= 0 (0 = torch's default), got {n!r}")
+    if n:
+        torch.set_num_threads(n)
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Columns held as tensors with a leading example dimension, for ``Trainer`` without per-row work.
+
+    ``dataset[i]`` is one example (a dict of tensors); ``dataset.__getitems__(indices)``, which torch's
+    ``DataLoader`` calls with a whole batch of indices, is one gather per column and returns the batch as
+    a dict of tensors.  Use it with :class:`TensorBatchCollator` and ``remove_unused_columns=False``.
+    """
+
+    def __init__(self, columns: Mapping[str, Any]) -> None:
+        self.columns = {k: torch.as_tensor(v) for k, v in columns.items()}
+        lengths = {k: v.shape[0] for k, v in self.columns.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"all columns need the same number of examples, got {lengths}")
+        self._len = next(iter(lengths.values()))
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: v[index] for k, v in self.columns.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v.index_select(0, idx) for k, v in self.columns.items()}
+
+
+@dataclass(frozen=True)
+class Trim:
+    """Cut ``columns`` of a padded batch after the last position where ``reference`` is not ``pad``."""
+
+    reference: str
+    pad: int
+    columns: tuple[str, ...]
+
+
+class TensorBatchCollator:
+    """The collator of a :class:`TensorDataset`: the batch is already stacked; only cut the padding.
+
+    Accepts the dict that ``TensorDataset.__getitems__`` returns, or a list of rows (stacked here).
+    ``trims``: the padded column groups (right padding), each cut to the longest real row of the batch.
+    """
+
+    def __init__(self, trims: Sequence[Trim] = ()) -> None:
+        self.trims = tuple(trims)
+
+    def __call__(self, batch) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):  # a list of rows
+            batch = {k: torch.stack([row[k] for row in batch]) for k in batch[0]}
+        batch = dict(batch)
+        for trim in self.trims:
+            real = (batch[trim.reference] != trim.pad).any(dim=0)  # (length,)
+            length = max(1, int(real.nonzero().max()) + 1) if bool(real.any()) else 1
+            for name in trim.columns:
+                batch[name] = batch[name][:, :length].contiguous()  # models call .view on labels
+        return batch
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad: int, length: int | None = None):
+    """A LongTensor (n, length) of right-padded id lists (length: the longest by default)."""
+    import numpy as np
+
+    length = length if length is not None else max((len(s) for s in sequences), default=0)
+    out = np.full((len(sequences), length), pad, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        seq = seq[:length]
+        out[i, : len(seq)] = seq
+    return torch.from_numpy(out)

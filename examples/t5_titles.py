@@ -1,15 +1,30 @@
 #!/usr/bin/env python
-"""Train a small byte-level T5 from scratch to write the BBC News title from the article body.
+"""Train a small byte-level T5 from scratch on BBC News, text to text; compare attention variants.
 
-Bytes in, bytes out (``ByT5Tokenizer``: no vocabulary file). Each variant is one attention setup:
-``softmax`` is T5's own attention read as a prior softmax (the relative position bias is the
-log-prior, paper 003 eq. 17-18); ``sinkhorn:n_iters=20@encoder`` uses Sinkhorn attention in the encoder
-self-attention and the prior softmax elsewhere. A spec is ``name[:key=value,...][@part]``.
-Titles are generated greedily with the KV cache and scored with chrF and BLEU (sacrebleu); the
-script also checks that ``generate`` gives the same titles with and without the cache.
+Bytes in, bytes out (``ByT5Tokenizer``: no vocabulary file). Two tasks:
 
-    python examples/t5_titles.py                       # short run: minutes on 2 CPU cores
-    python examples/t5_titles.py --epochs 30 --d-model 256 --layers 4 --seeds 0 1 2
+* ``category`` (default): the article (title, newline, body; first ``--source-bytes`` bytes) -> its
+  category written out ("business", "entertainment", "politics", "sport", "tech"); scored by accuracy
+  (the generated text equals the category);
+* ``title``: the article body -> its title; scored by chrF and BLEU (sacrebleu).
+
+Each variant is one attention setup, a spec ``name[:key=value,...][@part[+part]]``:
+
+* ``softmax``: T5's own attention read as a prior softmax (its learned relative position bias, shared by
+  the layers of a stack, is the log-prior: "Deciphering Attention Mechanisms: Optimization and Fenchel
+  Dual Solutions", eq. 17-18);
+* ``sinkhorn:n_iters=20@encoder``: Sinkhorn attention in the encoder self-attention, prior softmax elsewhere;
+* ``softmax:prior=relative_buckets@encoder+decoder``: a learned relative-bucket log-prior per layer;
+* ``softmax:prior=alibi@encoder+decoder``: the fixed ALiBi log-prior ("Train Short, Test Long: Attention
+  with Linear Biases Enables Input Length Extrapolation", arXiv:2108.12409).
+
+A spec with a ``prior`` replaces T5's own position bias: it is set to zero and frozen, so the prior is
+the only position information. Generation is greedy with the KV cache; the script checks that
+``generate`` gives the same outputs with and without the cache.
+
+    python examples/t5_titles.py             # the protocol: category, all 1,781 / 444 articles, 3 seeds
+    python examples/t5_titles.py --task title --epochs 60
+    python examples/t5_titles.py --quick     # a smoke run in seconds
     accelerate launch --multi_gpu --num_processes 2 examples/t5_titles.py   # same code, DDP
 """
 
@@ -21,32 +36,59 @@ from pathlib import Path
 
 import _common
 import numpy as np
-from _common import configure, is_main_process, previous_runs, summarize, write_json
+import torch
+from _common import (
+    TensorBatchCollator,
+    TensorDataset,
+    Trim,
+    configure,
+    is_main_process,
+    previous_runs,
+    summarize,
+    write_json,
+)
 
 from hf_eot.datasets import load_bbc_news
 from hf_eot.model_card import ModelCardCallback, model_card
 
-# Sinkhorn with a fixed number of iterations: the solver is differentiated by unrolling, so its
-# training memory grows with the iterations (max_iters=200 needed >16 GB at batch 32 x 161 bytes).
-DEFAULT_VARIANTS = ["softmax", "sinkhorn:n_iters=20@encoder"]
+DEFAULT_VARIANTS = [
+    "softmax",
+    # Sinkhorn with a fixed number of iterations: a predictable cost per step
+    "sinkhorn:n_iters=20@encoder",
+    "softmax:prior=relative_buckets@encoder+decoder",
+    "softmax:prior=alibi@encoder+decoder",
+]
+TASKS = {
+    # task: (primary metric, default target bytes, checkpoint name)
+    "category": ("accuracy", 16, "t5-bbc-category"),
+    "title": ("chrf", 64, "t5-bbc-titles"),
+}
+EPOCHS = 20.0
+#: ``--quick``: the same code path on a tiny problem (seconds).
+QUICK = {"seeds": [0], "train_size": 16, "eval_size": 8, "source_bytes": 48, "d_model": 32, "d_ff": 64,
+         "heads": 2, "layers": 1, "epochs": 1.0, "batch_size": 8, "logging_steps": 1}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="category", choices=sorted(TASKS))
     p.add_argument(
         "--variants", nargs="+", default=DEFAULT_VARIANTS, help="attention specs (default: %(default)s)"
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=0, help="stratified training subset; 0 = all 1,781")
-    p.add_argument("--eval-size", type=int, default=200, help="stratified test subset; 0 = all 444")
+    p.add_argument("--eval-size", type=int, default=0, help="stratified test subset; 0 = all 444")
     p.add_argument("--source-bytes", type=int, default=256, help="article bytes fed to the encoder")
-    p.add_argument("--target-bytes", type=int, default=64, help="title bytes (generation limit too)")
+    p.add_argument(
+        "--target-bytes", type=int, default=None, help="target bytes, also the generation limit (default: "
+        + ", ".join(f"{t} {v[1]}" for t, v in TASKS.items()) + ")",
+    )  # fmt: skip
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2, help="encoder layers (decoder: same)")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--epochs", type=float, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--bf16", action="store_true")
@@ -55,24 +97,86 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the runs of <output-dir>/results.json and skip those (variant, seed) pairs",
     )
-    p.add_argument("--output-dir", default="runs/t5_titles")
+    p.add_argument("--output-dir", default="runs/t5")
     p.add_argument(
         "--save-dir", default=None, help="save the last seed's model of each variant under this folder"
     )
     p.add_argument(
         "--model-cards-dir", default=None, help="also write the summary card here (e.g. model_cards/)"
     )
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--logging-steps", type=int, default=50)
+    _common.add_runtime_arguments(p)
     return p
 
 
-def parse_variant(text: str) -> tuple[str, str | None]:
-    spec, _, part = text.partition("@")
-    return spec, (part or None)
+def parse_args(argv=None) -> argparse.Namespace:
+    args = _common.parse_with_quick(build_parser(), argv, QUICK)
+    if args.target_bytes is None:
+        args.target_bytes = TASKS[args.task][1]
+    return args
 
 
-def checkpoint_name(variant: str) -> str:
-    name = _common.parse_spec(parse_variant(variant)[0])[0]
-    return "t5-bbc-titles" if name == "softmax" else f"t5-bbc-titles-{name}"
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'softmax:prior=alibi@encoder+decoder' -> ('softmax:prior=alibi', ['encoder', 'decoder'])."""
+    spec, _, parts = text.partition("@")
+    return spec, [p for p in parts.split("+") if p]
+
+
+def checkpoint_name(variant: str, task: str = "title") -> str:
+    name, params = _common.parse_spec(parse_variant(variant)[0])
+    base = TASKS[task][2]
+    if params.get("prior"):
+        return f"{base}-{params['prior'].replace('_', '-')}"
+    return base if name == "softmax" else f"{base}-{name}"
+
+
+def texts(data, task: str) -> dict[str, tuple[list[str], list[str]]]:
+    """{split: (sources, targets)} of the task."""
+    out = {}
+    for split, ds in data.items():
+        rows = ds[:]
+        if task == "category":
+            names = ds.features["label"].names
+            sources = [f"{t}\n{b}" for t, b in zip(rows["title"], rows["body"], strict=True)]
+            targets = [names[i] for i in rows["label"]]
+        else:
+            sources, targets = rows["body"], rows["title"]
+        out[split] = (sources, targets)
+    return out
+
+
+def tensorize(tokenizer, sources: list[str], targets: list[str], args) -> TensorDataset:
+    """Bytes -> ids once: ``input_ids`` / ``attention_mask`` (n, source_bytes) and ``labels``
+    (n, target_bytes), right-padded (labels with -100)."""
+    enc = tokenizer(
+        sources, truncation=True, max_length=args.source_bytes, padding="max_length", return_tensors="pt"
+    )
+    tgt = tokenizer(
+        targets, truncation=True, max_length=args.target_bytes, padding="max_length", return_tensors="pt"
+    )
+    labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+    return TensorDataset(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    )
+
+
+#: A batch cuts the sources to its longest source and the labels to its longest target.
+PADDING = (
+    Trim("attention_mask", 0, ("input_ids", "attention_mask")),
+    Trim("labels", -100, ("labels",)),
+)
+
+
+def disable_own_position_bias(model) -> int:
+    """Zero and freeze T5's own relative position bias (the layers that own one); returns how many."""
+    n = 0
+    for module in model.modules():
+        if getattr(module, "has_relative_attention_bias", False):
+            module.relative_attention_bias.weight.data.zero_()
+            module.relative_attention_bias.weight.requires_grad_(False)
+            n += 1
+    return n
 
 
 def build_model(args, variant: str, seed: int, tokenizer):
@@ -96,14 +200,16 @@ def build_model(args, variant: str, seed: int, tokenizer):
     config._attn_implementation = _common.attn_implementation()
     model = T5ForConditionalGeneration(config)
     model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
-    spec, part = parse_variant(variant)
-    configure(model, spec, **({"part": part} if part else {}))
+    spec, parts = parse_variant(variant)
+    for part in parts or [None]:
+        configure(model, spec, **({"part": part} if part else {}))
+    if _common.parse_spec(spec)[1].get("prior"):
+        disable_own_position_bias(model)
     return model
 
 
 def cache_demo(model, tokenizer, texts: list[str], max_new_tokens: int) -> dict:
     """Greedy generation with and without the KV cache: same titles, and how long each took."""
-    import torch
 
     model.eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
@@ -124,57 +230,73 @@ def cache_demo(model, tokenizer, texts: list[str], max_new_tokens: int) -> dict:
     }
 
 
-def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
+def metrics_fn(tokenizer):
+    """compute_metrics: accuracy (generated text == target), chrF and BLEU (sacrebleu)."""
     import sacrebleu
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    def scores(pred):
+        preds = np.where(pred.predictions < 0, tokenizer.pad_token_id, pred.predictions)
+        labels = np.where(pred.label_ids < 0, tokenizer.pad_token_id, pred.label_ids)
+        hyps = [h.strip() for h in tokenizer.batch_decode(preds, skip_special_tokens=True)]
+        refs = [r.strip() for r in tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        return {
+            "accuracy": float(np.mean([h == r for h, r in zip(hyps, refs, strict=True)])),
+            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+        }
+
+    return scores
+
+
+def build_trainer(args, variant: str, seed: int, data, tokenizer):
+    """The ``Seq2SeqTrainer`` of one (variant, seed) run and its model-card callback."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model = build_model(args, variant, seed, tokenizer)
-    out = Path(args.output_dir) / _common.spec_label(variant.replace("@", "-")) / f"seed{seed}"
+    out = (
+        Path(args.output_dir)
+        / _common.spec_label(variant.replace("@", "-").replace("+", "-"))
+        / f"seed{seed}"
+    )
     targs = _common.training_arguments(
         Seq2SeqTrainingArguments,
         args,
         out,
         seed,
-        per_device_eval_batch_size=64,
+        per_device_eval_batch_size=args.eval_batch_size,
         warmup_steps=0.05,
         weight_decay=0.01,
         lr_scheduler_type="linear",
-        logging_steps=20,
+        logging_steps=args.logging_steps,
         predict_with_generate=True,
         generation_max_length=args.target_bytes + 1,
         generation_num_beams=1,
     )
-
-    def scores(pred):
-        preds = np.where(pred.predictions < 0, tokenizer.pad_token_id, pred.predictions)
-        labels = np.where(pred.label_ids < 0, tokenizer.pad_token_id, pred.label_ids)
-        hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
-        refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return {
-            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
-            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
-            "exact": float(np.mean([h.strip() == r.strip() for h, r in zip(hyps, refs, strict=True)])),
-        }
-
     card = ModelCardCallback(
         datasets=["SetFit/bbc-news"],
-        metrics=["chrf", "bleu"],
+        metrics=["accuracy", "chrf", "bleu"],
         training={
+            "task": args.task,
             "variant": variant,
             "tokenizer": "ByT5Tokenizer (bytes)",
             "source bytes": args.source_bytes,
         },
-        title=f"Byte-level T5 (tiny) for BBC News titles, {variant} attention",
+        title=f"Byte-level T5 (tiny) for BBC News {args.task}, {variant} attention",
     )
     trainer = Seq2SeqTrainer(
         model=model,
         args=targs,
         train_dataset=data["train"],
         eval_dataset=data["test"],
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
-        compute_metrics=scores,
+        data_collator=TensorBatchCollator(PADDING),
+        compute_metrics=metrics_fn(tokenizer),
         callbacks=[card],
     )
+    return trainer, card
+
+
+def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
+    trainer, card = build_trainer(args, variant, seed, data, tokenizer)
     t0 = time.perf_counter()
     train_out = trainer.train()
     train_s = time.perf_counter() - t0
@@ -182,16 +304,17 @@ def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
     metrics = trainer.evaluate()
     eval_s = time.perf_counter() - t0
     if trainer.is_world_process_zero():
-        card.write(str(out), trainer.args, trainer.state, trainer.model)
+        card.write(str(trainer.args.output_dir), trainer.args, trainer.state, trainer.model)
     return {
         "variant": variant,
         "seed": seed,
+        "accuracy": metrics["eval_accuracy"],
         "chrf": metrics["eval_chrf"],
         "bleu": metrics["eval_bleu"],
-        "exact": metrics["eval_exact"],
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),
         "generate_seconds": eval_s,
         "steps": trainer.state.global_step,
@@ -202,6 +325,7 @@ def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
 
 def training_table(args, n_train: int) -> dict:
     return {
+        "task": args.task,
         "tokenizer": "ByT5Tokenizer (UTF-8 bytes, no vocabulary file)",
         "train articles": n_train,
         "source / target bytes": f"{args.source_bytes} / {args.target_bytes}",
@@ -215,19 +339,22 @@ def training_table(args, n_train: int) -> dict:
     }
 
 
+def load_data(args, tokenizer):
+    """({split: TensorDataset}, {split: (sources, targets)}) of the task."""
+    raw = texts(
+        load_bbc_news(train_size=args.train_size or None, eval_size=args.eval_size or None), args.task
+    )
+    return {split: tensorize(tokenizer, *pair, args) for split, pair in raw.items()}, raw
+
+
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    _common.set_threads(args.threads)
     from transformers import ByT5Tokenizer
 
     tokenizer = ByT5Tokenizer()
-    data = load_bbc_news(train_size=args.train_size or None, eval_size=args.eval_size or None)
-
-    def tokenize(batch):
-        enc = tokenizer(batch["body"], truncation=True, max_length=args.source_bytes)
-        enc["labels"] = tokenizer(batch["title"], truncation=True, max_length=args.target_bytes)["input_ids"]
-        return enc
-
-    tokenized = data.map(tokenize, batched=True, remove_columns=data["train"].column_names)
+    tokenized, raw = load_data(args, tokenizer)
+    metric = TASKS[args.task][0]
     old = previous_runs(args.output_dir, args.resume)
     runs, trainers = list(old), {}
     done = {(r["variant"], r["seed"]) for r in runs}
@@ -240,11 +367,11 @@ def main(argv=None) -> dict:
             runs.append(run)
             if is_main_process():
                 print(
-                    f"[t5_titles] {variant} seed={seed}: chrF={run['chrf']:.2f} BLEU={run['bleu']:.2f} "
-                    f"({run['train_seconds']:.0f} s train)",
+                    f"[t5] {args.task} {variant} seed={seed}: accuracy={run['accuracy']:.4f} "
+                    f"chrF={run['chrf']:.2f} BLEU={run['bleu']:.2f} ({run['train_seconds']:.0f} s train)",
                     flush=True,
                 )
-    summary = {"chrf": summarize(runs, "variant", "chrf"), "bleu": summarize(runs, "variant", "bleu")}
+    summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
     examples = {}
     if args.resume and (Path(args.output_dir) / "results.json").is_file():
         import json
@@ -253,24 +380,24 @@ def main(argv=None) -> dict:
             "generate_examples", {}
         )
     if is_main_process():
-        texts = [data["test"][i]["body"][: args.source_bytes] for i in range(4)]
-        refs = [data["test"][i]["title"] for i in range(4)]
+        sources, refs = (x[:4] for x in raw["test"])
+        sources = [s[: args.source_bytes] for s in sources]
         for variant, trainer in trainers.items():
-            model = trainer.model
-            demo = cache_demo(model, tokenizer, texts, args.target_bytes)
+            demo = cache_demo(trainer.model, tokenizer, sources, args.target_bytes)
             demo["references"] = refs
             examples[variant] = demo
             print(
-                f"[t5_titles] {variant}: generate with KV cache {demo['seconds_with_cache']:.2f} s, without "
+                f"[t5] {variant}: generate with KV cache {demo['seconds_with_cache']:.2f} s, without "
                 f"{demo['seconds_without_cache']:.2f} s, identical={demo['same_with_and_without_cache']}"
             )
             for hyp, ref in zip(demo["titles"], refs, strict=True):
                 print(f"    {ref!r} -> {hyp!r}")
     result = {
-        "task": "BBC News title generation, byte-level T5 from scratch",
+        "task": f"BBC News {args.task}, byte-level T5 from scratch",
+        "metric": metric,
         "attn_implementation": _common.attn_implementation(),
-        "train_articles": len(data["train"]),
-        "test_articles": len(data["test"]),
+        "train_articles": len(tokenized["train"]),
+        "test_articles": len(tokenized["test"]),
         "args": vars(args),
         "runs": runs,
         "summary": summary,
@@ -281,66 +408,65 @@ def main(argv=None) -> dict:
         write_json(Path(args.output_dir) / "results.json", result)
         table = {
             v: {
-                "chrF (mean ± 95% CI)": summary["chrf"][v]["text"],
+                "accuracy (mean ± 95% CI)": summary["accuracy"][v]["text"],
+                "chrF": summary["chrf"][v]["text"],
                 "BLEU": summary["bleu"][v]["text"],
                 "generate == generate(use_cache=False)": examples.get(v, {}).get(
                     "same_with_and_without_cache", "n/a"
                 ),
             }
-            for v in summary["chrf"]
+            for v in summary[metric]
         }
         targets = [Path(args.output_dir)] + (
-            [Path(args.model_cards_dir) / "t5-bbc-titles.md"] if args.model_cards_dir else []
+            [Path(args.model_cards_dir) / f"{TASKS[args.task][2]}.md"] if args.model_cards_dir else []
         )
+        last = list(trainers)[-1] if trainers else args.variants[-1]
+        card_model = trainers[last].model if trainers else build_model(args, last, 0, tokenizer)
         for target in targets:
-            card_model = (
-                trainers[list(trainers)[-1]].model
-                if trainers
-                else build_model(args, args.variants[-1], 0, tokenizer)
-            )
             model_card(
                 card_model,
                 results=table,
                 datasets=["SetFit/bbc-news"],
-                metrics=["chrf", "bleu"],
-                training=training_table(args, len(data["train"]))
+                metrics=["accuracy", "chrf", "bleu"],
+                training=training_table(args, len(tokenized["train"]))
                 | {"seeds": sorted({r["seed"] for r in runs})},
                 path=target,
-                title="Byte-level T5 for BBC News titles: prior softmax vs Sinkhorn encoder",
-                model_id=str(
-                    Path(args.save_dir)
-                    / checkpoint_name(list(trainers)[-1] if trainers else args.variants[-1])
-                )
+                title=f"Byte-level T5 for BBC News {args.task}: attention variants",
+                model_id=str(Path(args.save_dir) / checkpoint_name(last, args.task))
                 if args.save_dir
                 else None,
                 description="Each row of the results is a separately trained model; the attention table "
                 "shows the last variant's configuration.",
             )
+        for v, row in summary[metric].items():
+            print(f"{v:>48}: {metric} {row['text']}")
     if args.save_dir:
         for variant, trainer in trainers.items():
-            folder = Path(args.save_dir) / checkpoint_name(variant)
+            folder = Path(args.save_dir) / checkpoint_name(variant, args.task)
             trainer.save_model(str(folder))
             if is_main_process():
                 (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card has the setup
                 tokenizer.save_pretrained(str(folder))
-                last = [r for r in runs if r["variant"] == variant][-1]
+                last_run = [r for r in runs if r["variant"] == variant][-1]
                 model_card(
                     trainer.model,
                     results={
-                        "chrF": last["chrf"],
-                        "BLEU": last["bleu"],
-                        "test articles": len(data["test"]),
+                        "accuracy": last_run["accuracy"],
+                        "chrF": last_run["chrf"],
+                        "BLEU": last_run["bleu"],
+                        "test articles": len(tokenized["test"]),
                         "generate: KV cache == no cache": examples[variant]["same_with_and_without_cache"],
                     },
                     datasets=["SetFit/bbc-news"],
-                    metrics=["chrf", "bleu"],
-                    training=training_table(args, len(data["train"]))
-                    | {"seed": last["seed"], "steps": last["steps"]},
+                    metrics=["accuracy", "chrf", "bleu"],
+                    training=training_table(args, len(tokenized["train"]))
+                    | {"seed": last_run["seed"], "steps": last_run["steps"]},
                     path=folder,
-                    title=f"Byte-level T5 (tiny) for BBC News titles, {variant} attention",
-                    description="Trained from scratch with hf_eot's example `examples/t5_titles.py`; input: the "
-                    f"first {args.source_bytes} bytes of the article body, output: the title. A demonstration "
-                    "checkpoint for the analysis tools, not a useful headline generator.",
+                    title=f"Byte-level T5 (tiny) for BBC News {args.task}, {variant} attention",
+                    description="Trained from scratch with hf_eot's example `examples/t5_titles.py`; "
+                    "input: the "
+                    f"first {args.source_bytes} bytes of the article, output: its {args.task}. A demonstration "
+                    "checkpoint for the analysis tools.",
                 )
     return result
 

@@ -5,6 +5,8 @@
     model = AutoModel.from_pretrained(path, attn_implementation="eot")
     hf_eot.configure(model, "entmax", alpha=1.5)          # all layers
     hf_eot.configure(model, "sinkhorn", layers=[5])      # override one layer
+    model.save_pretrained(out)                           # saved with attn_implementation="eot"
+    AutoModel.from_pretrained(out)                       # runs the configured attention again
 
 The pure math lives in :mod:`hf_eot.ops` (no Transformers import), the registry of regularizers in
 :mod:`hf_eot.regularizers`, the config schema in :mod:`hf_eot.config`, the glue in

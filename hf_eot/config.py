@@ -19,18 +19,47 @@ The last override that matches a module wins; with none, ``default`` applies.  A
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from .regularizers import get_regularizer, validate_params
 
-__all__ = ["PARTS", "AttentionSpec", "EOTAttentionConfig", "Override", "CONFIG_KEY"]
+__all__ = ["CONFIG_KEY", "PARTS", "AttentionSpec", "EOTAttentionConfig", "Override", "as_layers"]
 
 CONFIG_KEY = "eot_attention"
 SCHEMA_VERSION = 1
 Part = Literal["encoder", "decoder", "cross"]
 PARTS: tuple[str, ...] = ("encoder", "decoder", "cross")
+
+
+def as_layers(value: Any, name: str = "layers") -> tuple[int, ...] | None:
+    """``value`` as a non-empty tuple of layer indices (ints >= 0), or None.
+
+    Accepts an int, a list/tuple of ints, numpy integers and arrays, 0-d or 1-d integer tensors; a
+    ValueError names ``name`` otherwise.
+    """
+    if value is None:
+        return None
+    expected = f"expected None, a layer index or a non-empty list of layer indices (ints >= 0), got {value!r}"
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool or value.dim() > 1:
+            raise ValueError(f"invalid {name}: {expected}")
+        value = value.tolist()
+    elif hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"invalid {name}: {expected}")
+    items = list(value)
+    bad = [i for i in items if not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0]
+    if bad or not items:
+        raise ValueError(f"invalid {name}={items!r}: expected a non-empty list of ints >= 0")
+    return tuple(int(i) for i in items)
 
 
 @dataclass(frozen=True)
@@ -47,18 +76,29 @@ class AttentionSpec:
     def runs_on_sdpa(self) -> bool:
         """True for softmax without a named prior: ``softmax(scores / epsilon + model's own bias)`` is
         fused SDPA with the scale divided by epsilon."""
-        return self.regularizer == "softmax" and self.params["prior"] is None
+        return get_regularizer(self.regularizer).is_sdpa and self.params.get("prior") is None
 
     def to_dict(self) -> dict[str, Any]:
         return {"regularizer": self.regularizer, **self.params}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AttentionSpec:
+        """Parse ``{"regularizer": name, **params}``; legacy parameter names (e.g. entmax ``n_iter``,
+        now ``max_iters``) are read as their current names."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an attention spec must be a dict with a 'regularizer' key, got {data!r}")
         data = dict(data)
         if "regularizer" not in data:
             raise ValueError(f"attention spec {data!r} has no 'regularizer' key")
         name = data.pop("regularizer")
-        get_regularizer(name)
+        for param in get_regularizer(name).params:
+            for alias in param.aliases:
+                if alias in data:
+                    if param.name in data:
+                        raise ValueError(
+                            f"attention spec {data!r} sets both {param.name!r} and its legacy name {alias!r}"
+                        )
+                    data[param.name] = data.pop(alias)
         return cls(name, data)
 
 
@@ -73,10 +113,7 @@ class Override:
     def __post_init__(self) -> None:
         if self.part is not None and self.part not in PARTS:
             raise ValueError(f"invalid part={self.part!r}; valid choices: None or one of {list(PARTS)}")
-        if self.layers is not None:
-            bad = [i for i in self.layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
-            if bad or not self.layers:
-                raise ValueError(f"invalid layers={list(self.layers)!r}: expected a non-empty list of ints >= 0")
+        object.__setattr__(self, "layers", as_layers(self.layers))
 
     def matches(self, layer: int | None, part: str) -> bool:
         if self.part is not None and self.part != part:
@@ -92,10 +129,12 @@ class Override:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Override:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"each entry of config.{CONFIG_KEY}['overrides'] must be a dict, got {data!r}")
         data = dict(data)
         layers = data.pop("layers", None)
         part = data.pop("part", None)
-        return cls(AttentionSpec.from_dict(data), None if layers is None else tuple(layers), part)
+        return cls(AttentionSpec.from_dict(data), layers, part)
 
 
 @dataclass(frozen=True)
@@ -124,6 +163,49 @@ class EOTAttentionConfig:
         kept = tuple(o for o in self.overrides if (o.layers, o.part) != (override.layers, override.part))
         return EOTAttentionConfig(self.default, (*kept, override))
 
+    def check_model(self, parts: Mapping[str, int], model_type: str = "") -> None:
+        """Check this config against a model with ``parts`` (``{part: number of layers}``).
+
+        Every override must select a part the model has and layers inside it; a map that couples queries
+        (Sinkhorn) must not resolve to a decoder or cross-attention module, nor a position prior to a
+        cross-attention module.  Raises ValueError naming the bad value and the valid choices.
+        """
+        model = f"this {model_type} model" if model_type else "this model"
+        for override in self.overrides:
+            if override.part is not None and override.part not in parts:
+                raise ValueError(f"invalid part={override.part!r}: {model} has parts {sorted(parts)}")
+            if override.layers is not None:
+                selected = [override.part] if override.part is not None else list(parts)
+                n_layers = max(parts[p] for p in selected)
+                bad = [i for i in override.layers if i >= n_layers]
+                if bad:
+                    raise ValueError(
+                        f"invalid layers={list(override.layers)!r}: {model} has layers 0..{n_layers - 1}"
+                        + (f" in part {override.part!r}" if override.part else "")
+                    )
+        coupled: dict[str, set[str]] = {}
+        cross_priors: set[str] = set()
+        for part, n_layers in parts.items():
+            for layer in range(n_layers):
+                spec = self.spec_for(layer, part)
+                if get_regularizer(spec.regularizer).couples_queries and part != "encoder":
+                    coupled.setdefault(spec.regularizer, set()).add(part)
+                if part == "cross" and spec.params.get("prior") is not None:
+                    cross_priors.add(spec.params["prior"])
+        for name, where in coupled.items():
+            advice = "choose part='encoder'" if "encoder" in parts else f"{model} has no encoder part"
+            raise ValueError(
+                f"regularizer {name!r} couples all queries of a sequence, so it cannot be used in the "
+                f"{sorted(where)} attention (later tokens would change earlier ones, and generate() with a KV "
+                f"cache would disagree with a full forward); {advice}"
+            )
+        if cross_priors:
+            raise ValueError(
+                f"prior={sorted(cross_priors)[0]!r} is a position prior over one sequence and has no meaning for "
+                "cross-attention (queries and keys come from different sequences); choose part='encoder' or "
+                "part='decoder'"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": SCHEMA_VERSION,
@@ -146,5 +228,10 @@ class EOTAttentionConfig:
                 f"unknown key(s) {sorted(unknown)} in config.{CONFIG_KEY}; valid keys: ['default', 'overrides', 'version']"
             )
         default = AttentionSpec.from_dict(data.get("default", {"regularizer": "softmax"}))
-        overrides: Sequence[Mapping[str, Any]] = data.get("overrides", [])
+        overrides = data.get("overrides", [])
+        if not isinstance(overrides, (list, tuple)):
+            raise ValueError(
+                f"config.{CONFIG_KEY}['overrides'] must be a list of dicts (each with 'layers', 'part', "
+                f"'regularizer' and its parameters), got {type(overrides).__name__}: {overrides!r}"
+            )
         return cls(default, tuple(Override.from_dict(o) for o in overrides))

@@ -1,9 +1,11 @@
-"""Datasets used by the examples: BBC News (text) and Fashion-MNIST (images).
+"""Datasets used by the examples and by ``hf-eot analyze``: BBC News (text) and Fashion-MNIST (images).
 
 Both loaders read local files (no network) and return a `datasets.DatasetDict` with a
-deterministic, stratified train/test split. The helpers at the end build the per-batch
-"template partners" of the OT-ViT training trick (paper 003, Section 9): with probability
-`prob`, image i also attends to the tokens of another image of the same class in the batch.
+deterministic, stratified train/test split; :func:`read_idx` and :func:`find_idx_images` read
+Fashion-MNIST's idx files directly. The helpers at the end build the per-batch "template
+partners" of the OT-ViT training trick ("Deciphering Attention Mechanisms: Optimization and
+Fenchel Dual Solutions", Section 9): with probability `prob`, image i also attends to the tokens
+of another image of the same class in the batch.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets as hf_datasets
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # the `datasets` package is imported by the loaders that need it
+    import datasets as hf_datasets
 
 __all__ = [
     "BBC_NEWS_CLASSES",
@@ -24,8 +29,12 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "ImageClassificationCollator",
     "bbc_news_root",
+    "fashion_mnist_dir",
+    "find_idx_images",
+    "idx_labels_path",
     "load_bbc_news",
     "load_fashion_mnist",
+    "read_idx",
     "same_class_partners",
 ]
 
@@ -116,6 +125,8 @@ def load_bbc_news(
     The split is stratified and deterministic for a given ``seed``; ``train_size`` /
     ``eval_size`` take stratified subsets of the train / test parts (for short runs).
     """
+    import datasets as hf_datasets
+
     root = Path(root) if root is not None else bbc_news_root()
     if not root.is_dir():
         raise FileNotFoundError(f"BBC News folder not found: {root}")
@@ -154,11 +165,16 @@ def load_bbc_news(
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
 # --------------------------------------------------------------------------------------------
-def _open_idx(directory: Path, stem: str):
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST's idx files are looked for: ``$FASHION_MNIST_DIR`` if set, else
+    :data:`FASHION_MNIST_DIR` (where ``apt-get install dataset-fashion-mnist`` puts them)."""
+    return Path(os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+
+
+def _idx_path(directory: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
-        path = directory / name
-        if path.is_file():
-            return gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")
+        if (directory / name).is_file():
+            return directory / name
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install it with "
         f"`apt-get install -y {FASHION_MNIST_APT}` (puts the idx files in {FASHION_MNIST_DIR}) "
@@ -166,16 +182,45 @@ def _open_idx(directory: Path, stem: str):
     )
 
 
-def _read_idx(directory: Path, stem: str) -> np.ndarray:
-    with _open_idx(directory, stem) as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{directory / stem}: not an unsigned-byte idx file")
+def read_idx(path: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """Reads an unsigned-byte idx file (plain or ``.gz``): an array of shape ``(n, *item)`` in uint8,
+    or only its first ``limit`` items along the first axis."""
+    path = Path(path)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit!r}")
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4:
+            raise ValueError(f"{path}: not an idx file (shorter than its header)")
+        zero, dtype_code, ndim = struct.unpack(">HBB", header)
+        if zero != 0 or dtype_code != 0x08 or ndim == 0:
+            raise ValueError(f"{path}: not an unsigned-byte idx file")
         shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{directory / stem}: expected {shape}, read {data.size} bytes")
-    return data.reshape(shape)
+        count = shape[0] if limit is None else min(shape[0], limit)
+        item = int(np.prod(shape[1:]))
+        data = np.frombuffer(f.read(count * item), dtype=np.uint8)
+    if data.size != count * item:
+        raise ValueError(f"{path}: expected {(count, *shape[1:])}, read {data.size} bytes")
+    return data.reshape(count, *shape[1:])
+
+
+def find_idx_images(directory: str | os.PathLike) -> Path | None:
+    """The image file of a folder of idx files: the test split first (``t10k-images-idx3-ubyte``, then
+    ``.gz``), then the training split, then any ``*images-idx3-ubyte*``; None when there is none."""
+    directory = Path(directory)
+    for stem in ("t10k-images-idx3-ubyte", "train-images-idx3-ubyte"):
+        for suffix in (".gz", ""):
+            if (directory / (stem + suffix)).is_file():
+                return directory / (stem + suffix)
+    hits = sorted(directory.glob("*images-idx3-ubyte*"))
+    return hits[0] if hits else None
+
+
+def idx_labels_path(images: str | os.PathLike) -> Path | None:
+    """The labels file next to an idx image file (``...-images-idx3-...`` -> ``...-labels-idx1-...``)."""
+    images = Path(images)
+    labels = images.with_name(images.name.replace("images-idx3", "labels-idx1"))
+    return labels if labels != images and labels.is_file() else None
 
 
 def load_fashion_mnist(
@@ -190,9 +235,9 @@ def load_fashion_mnist(
     Columns: ``image`` (uint8, 28x28) and ``label`` (ClassLabel with the 10 class names).
     ``train_size`` / ``test_size`` take stratified, seeded subsets (for short runs); None keeps all.
     """
-    directory = (
-        Path(root) if root is not None else Path(os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    )
+    import datasets as hf_datasets
+
+    directory = Path(root) if root is not None else fashion_mnist_dir()
     features = hf_datasets.Features(
         {
             "image": hf_datasets.Array2D(shape=(28, 28), dtype="uint8"),
@@ -201,8 +246,8 @@ def load_fashion_mnist(
     )
     out = {}
     for split, prefix, size in (("train", "train", train_size), ("test", "t10k", test_size)):
-        images = _read_idx(directory, f"{prefix}-images-idx3-ubyte")
-        labels = _read_idx(directory, f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        images = read_idx(_idx_path(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_idx_path(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
         idx = _take_per_class(labels, np.arange(len(labels)), size, seed)
         out[split] = hf_datasets.Dataset.from_dict(
             {"image": images[idx], "label": labels[idx]}, features=features

@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import PretrainedConfig, TrainerCallback
 
 from .config import CONFIG_KEY, PARTS, EOTAttentionConfig
+from .integration.modules import model_parts
 
 __all__ = ["ModelCardCallback", "attention_layout", "model_card"]
 
@@ -47,30 +49,15 @@ def _config_of(model_or_config: Any) -> PretrainedConfig:
     return config
 
 
-def _module_counts(config: PretrainedConfig) -> dict[str, int]:
-    """Number of attention layers per part ("encoder", "decoder", "cross") in this architecture."""
-    if getattr(config, "is_encoder_decoder", False):
-        n_enc = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 0)
-        n_dec = (
-            getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or n_enc
-        )
-        return {"encoder": int(n_enc), "decoder": int(n_dec), "cross": int(n_dec)}
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0)
-    part = "decoder" if getattr(config, "is_decoder", False) else "encoder"
-    counts = {part: int(n)}
-    if getattr(config, "add_cross_attention", False):
-        counts["cross"] = int(n)
-    return counts
-
-
 def attention_layout(model_or_config: Any) -> list[dict[str, Any]]:
     """One row per group of consecutive layers of a part with the same spec:
     ``{"part", "layers": [first, last], "regularizer", "params"}``."""
     config = _config_of(model_or_config)
     eot = EOTAttentionConfig.from_dict(getattr(config, CONFIG_KEY, None))
+    counts = model_parts(model_or_config if isinstance(model_or_config, torch.nn.Module) else config)
     rows: list[dict[str, Any]] = []
     for part in PARTS:
-        n = _module_counts(config).get(part, 0)
+        n = counts.get(part, 0)
         for layer in range(n):
             spec = eot.spec_for(layer, part)
             if (
@@ -203,8 +190,9 @@ def model_card(
     lines += [
         "## How to load",
         "",
-        "The attention regularizers are stored in `config.eot_attention`; importing `hf_eot` registers the",
-        '"eot" attention implementation with Transformers.',
+        "The attention regularizers are stored in `config.eot_attention`; importing `hf_eot` (`pip install",
+        '"hf_eot"`) registers the "eot" attention implementation with Transformers. Without it, Transformers',
+        'refuses this checkpoint with `Specified attn_implementation="eot" is not supported`.',
         "",
         "```python",
         "import hf_eot  # registers attn_implementation='eot'",

@@ -1,8 +1,10 @@
 """The config schema: lossless dict round trip, last-override-wins selection, validation of the dict."""
 
+import numpy as np
 import pytest
+import torch
 
-from hf_eot.config import AttentionSpec, EOTAttentionConfig, Override
+from hf_eot.config import AttentionSpec, EOTAttentionConfig, Override, as_layers
 
 
 def test_round_trip_is_lossless() -> None:
@@ -13,7 +15,7 @@ def test_round_trip_is_lossless() -> None:
     )
     data = config.to_dict()
     assert data["default"] == {"regularizer": "entmax", "alpha": 1.2, "epsilon": 1.0, "learn_alpha": False,
-                               "n_iter": 50, "prior": None}
+                               "max_iters": 50, "prior": None}
     assert EOTAttentionConfig.from_dict(data) == config
 
 
@@ -53,3 +55,98 @@ def test_malformed_dicts_are_rejected(data, message) -> None:
     """A hand-edited config.json with a bad eot_attention fails with a message naming the problem."""
     with pytest.raises(ValueError, match=message):
         EOTAttentionConfig.from_dict(data)
+
+
+def test_legacy_n_iter_is_read_as_max_iters() -> None:
+    """A config saved when entmax's parameter was called n_iter loads with it as max_iters; both at once
+    is ambiguous and refused."""
+    config = EOTAttentionConfig.from_dict({"default": {"regularizer": "entmax", "alpha": 1.3, "n_iter": 7}})
+    assert config.default.params["max_iters"] == 7 and "n_iter" not in config.default.params
+    with pytest.raises(ValueError, match="sets both 'max_iters' and its legacy name 'n_iter'"):
+        AttentionSpec.from_dict({"regularizer": "entmax", "n_iter": 7, "max_iters": 8})
+
+
+def test_committed_checkpoint_configs_load() -> None:
+    """Every packaged checkpoint's config.json parses with the current schema."""
+    import json
+    from pathlib import Path
+
+    import hf_eot
+
+    found = sorted(Path(hf_eot.__file__).parent.glob("data/checkpoints/*/config.json"))
+    assert found
+    for path in found:
+        raw = json.loads(path.read_text()).get("eot_attention")
+        assert EOTAttentionConfig.from_dict(raw).to_dict()["version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"overrides": {"layers": [0], "regularizer": "sparsemax"}}, r"\['overrides'\] must be a list of dicts"),
+        ({"overrides": ["sparsemax"]}, r"each entry of config.eot_attention\['overrides'\] must be a dict"),
+        ({"default": "sparsemax"}, r"an attention spec must be a dict"),
+        ({"overrides": [{"layers": "0", "regularizer": "softmax"}]}, r"invalid layers: expected None, a layer index"),
+        ({"overrides": [{"layers": [1.5], "regularizer": "softmax"}]}, r"invalid layers=\[1.5\]"),
+    ],
+)
+def test_malformed_overrides_are_rejected(data, message) -> None:
+    """overrides written as a dict, non-dict entries or specs, and non-integer layers fail with the problem
+    named."""
+    with pytest.raises(ValueError, match=message):
+        EOTAttentionConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1, (1,)),
+        ([0, 2], (0, 2)),
+        (np.int64(3), (3,)),
+        (np.array([0, 1]), (0, 1)),
+        (torch.tensor(1), (1,)),
+        (torch.tensor([0, 1]), (0, 1)),
+        (None, None),
+    ],
+)
+def test_layers_accept_integer_scalars_and_arrays(value, expected) -> None:
+    """Layer selections may be an int, a list, numpy integers/arrays or 0-d/1-d integer tensors."""
+    assert as_layers(value) == expected
+
+
+@pytest.mark.parametrize("value", [torch.tensor([0.5]), torch.tensor([[0, 1]]), "0", {0: 1}, [], [True], 2.0])
+def test_bad_layers_name_the_argument(value) -> None:
+    """Float tensors, 2-d tensors, strings, dicts, empty lists, booleans and floats are refused naming layers."""
+    with pytest.raises(ValueError, match="invalid layers"):
+        as_layers(value)
+
+
+@pytest.mark.parametrize(
+    ("config", "parts", "message"),
+    [
+        (EOTAttentionConfig(overrides=(Override(AttentionSpec("sparsemax"), (5,)),)), {"encoder": 2},
+         r"invalid layers=\[5\]: this bert model has layers 0..1"),
+        (EOTAttentionConfig(overrides=(Override(AttentionSpec("sparsemax"), None, "cross"),)), {"encoder": 2},
+         r"invalid part='cross': this bert model has parts \['encoder'\]"),
+        (EOTAttentionConfig(AttentionSpec("sinkhorn")), {"encoder": 2, "decoder": 2, "cross": 2},
+         r"couples all queries .*\['cross', 'decoder'\].*choose part='encoder'"),
+        (EOTAttentionConfig(AttentionSpec("sinkhorn")), {"decoder": 2},
+         r"couples all queries .*has no encoder part"),
+        (EOTAttentionConfig(AttentionSpec("softmax", {"prior": "alibi"})), {"encoder": 2, "decoder": 2, "cross": 2},
+         r"prior='alibi' .*no meaning for cross-attention"),
+    ],
+)
+def test_check_model_refuses_what_the_model_cannot_run(config, parts, message) -> None:
+    """Layers or parts the model lacks, query-coupling maps on decoder/cross parts and position priors on
+    cross-attention are refused; the Sinkhorn advice names part='encoder' only where there is one."""
+    with pytest.raises(ValueError, match=message):
+        config.check_model(parts, "bert")
+
+
+def test_check_model_resolves_overrides() -> None:
+    """A Sinkhorn default shadowed by softmax overrides on the decoder parts is accepted."""
+    config = EOTAttentionConfig(
+        AttentionSpec("sinkhorn"),
+        (Override(AttentionSpec(), None, "decoder"), Override(AttentionSpec(), None, "cross")),
+    )
+    config.check_model({"encoder": 2, "decoder": 2, "cross": 2}, "t5")

@@ -11,9 +11,14 @@ import torch
 
 from hf_eot.datasets import (
     FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
     ImageClassificationCollator,
+    fashion_mnist_dir,
+    find_idx_images,
+    idx_labels_path,
     load_bbc_news,
     load_fashion_mnist,
+    read_idx,
     same_class_partners,
 )
 
@@ -101,6 +106,44 @@ def test_fashion_mnist_missing_files_names_path_and_package(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"dataset-fashion-mnist") as err:
         load_fashion_mnist(tmp_path)
     assert str(tmp_path) in str(err.value)
+
+
+def test_fashion_mnist_dir_honours_the_environment(fake_fashion_mnist, monkeypatch):
+    """$FASHION_MNIST_DIR replaces the default folder, for the loader and for the command line."""
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    assert str(fashion_mnist_dir()) == FASHION_MNIST_DIR
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(fake_fashion_mnist))
+    assert fashion_mnist_dir() == fake_fashion_mnist
+    assert len(load_fashion_mnist()["test"]) == 20
+
+
+def test_read_idx_reads_the_first_items_plain_or_gzipped(fake_fashion_mnist):
+    """read_idx(path, limit) equals the first `limit` items of the whole file; labels are found next to
+    the images; the test split is preferred."""
+    test_images = find_idx_images(fake_fashion_mnist)
+    assert test_images.name == "t10k-images-idx3-ubyte"  # t10k before train
+    full = read_idx(test_images)
+    assert full.shape == (20, 28, 28) and full.dtype == np.uint8
+    np.testing.assert_array_equal(read_idx(test_images, 7), full[:7])
+    assert read_idx(test_images, 100).shape == (20, 28, 28)
+    train = fake_fashion_mnist / "train-images-idx3-ubyte.gz"
+    np.testing.assert_array_equal(read_idx(idx_labels_path(train), 12), np.arange(12) % 10)
+    assert idx_labels_path(fake_fashion_mnist / "t10k-labels-idx1-ubyte") is None
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    bad = tmp_path / "x-images-idx3-ubyte"
+    bad.write_bytes(struct.pack(">HBB", 0, 0x0D, 1) + struct.pack(">I", 2) + b"\x00" * 8)  # float32
+    with pytest.raises(ValueError, match="unsigned-byte"):
+        read_idx(bad)
+    short = tmp_path / "short-images-idx3-ubyte"
+    short.write_bytes(struct.pack(">HBB", 0, 8, 2) + struct.pack(">II", 3, 4) + b"\x00" * 5)
+    with pytest.raises(ValueError, match="expected"):
+        read_idx(short)
+    with pytest.raises(ValueError, match="limit"):
+        read_idx(short, -1)
+    assert find_idx_images(tmp_path) == short  # the first *images-idx3-ubyte* when no standard name exists
+    assert find_idx_images(tmp_path / "empty") is None
 
 
 def test_same_class_partners():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import yaml
-from transformers import BertConfig, T5Config
+from transformers import BertConfig
 
+import _tiny as tiny
 from hf_eot.model_card import ModelCardCallback, attention_layout, model_card
 
 
@@ -14,7 +15,7 @@ def _front_matter(card: str) -> dict:
 
 
 def _bert_config(**eot) -> BertConfig:
-    config = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+    config = tiny.config("bert", num_hidden_layers=4, num_attention_heads=2)
     config.architectures = ["BertForSequenceClassification"]
     if eot:
         config.eot_attention = eot
@@ -49,7 +50,7 @@ def test_front_matter_and_sections(tmp_path):
 
 
 def test_layout_of_t5_parts():
-    config = T5Config(num_layers=2, num_decoder_layers=3, d_model=16, d_ff=32, num_heads=2, d_kv=8)
+    config = tiny.config("t5", num_layers=2, num_decoder_layers=3)
     config.eot_attention = {
         "default": {"regularizer": "softmax"},
         "overrides": [{"part": "encoder", "regularizer": "sinkhorn"}],

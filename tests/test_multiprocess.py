@@ -29,19 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    sys.path.insert(0, os.environ["HF_EOT_REPO"])
+    sys.path[:0] = [os.environ["HF_EOT_REPO"], os.path.join(os.environ["HF_EOT_REPO"], "tests")]
     import torch
     import datasets
     import hf_eot
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    import _tiny
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
     out_dir = sys.argv[1]
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(config)
-    model.set_attn_implementation("eot")
+    model = _tiny.model("bert", "eot", cls=BertForSequenceClassification, num_attention_heads=2, num_labels=2)
     hf_eot.configure(model, "entmax", alpha=1.5, learn_alpha=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(8, 64, (16, 10), generator=g)

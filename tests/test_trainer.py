@@ -13,14 +13,13 @@ from safetensors.torch import load_file
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    T5Config,
     T5ForConditionalGeneration,
     Trainer,
     TrainingArguments,
-    ViTConfig,
     ViTForImageClassification,
 )
 
+import _tiny as tiny
 import hf_eot
 
 # regularizer, params: one entry per regularizer (plus the learned / prior variants)
@@ -41,13 +40,9 @@ def test_every_registered_regularizer_is_covered():
 
 
 def tiny_bert(name: str, params: dict, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    model = BertForSequenceClassification(config)
-    model.set_attn_implementation("eot")
+    model = tiny.model(
+        "bert", "eot", cls=BertForSequenceClassification, seed=seed, num_attention_heads=2, num_labels=2
+    ).train()
     return hf_eot.configure(model, name, **params)
 
 
@@ -160,22 +155,7 @@ def test_save_load_round_trip_restores_variant_and_learned_params(tmp_path):
 
 
 def tiny_t5(encoder: str = "softmax") -> T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=40,
-        d_model=32,
-        d_ff=64,
-        d_kv=16,
-        num_heads=2,
-        num_layers=2,
-        num_decoder_layers=2,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    model = T5ForConditionalGeneration(config)
-    model.set_attn_implementation("eot")
+    model = tiny.model("t5", "eot", vocab_size=40, d_kv=16, num_heads=2).train()
     hf_eot.configure(model, "softmax")
     if encoder != "softmax":
         hf_eot.configure(model, encoder, part="encoder")
@@ -217,19 +197,9 @@ def test_sinkhorn_is_refused_in_the_t5_decoder():
 
 
 def test_vit_ot_last_layer_with_template_partners(tmp_path):
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-    )
-    model = ViTForImageClassification(config)
-    model.set_attn_implementation("eot")
+    sizes = dict(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_labels=2)
+    model = tiny.model("vit", "eot", **sizes)
+    config = tiny.config("vit", **sizes)
     hf_eot.configure(model, "ot", layers=[1])
     n_plain = sum(p.numel() for p in ViTForImageClassification(config).parameters())
     assert sum(p.numel() for p in model.parameters()) == n_plain  # same parameter count as the ViT

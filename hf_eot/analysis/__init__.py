@@ -1,10 +1,17 @@
-"""Analysis of pretrained attention heads through the Fenchel dual of paper 003 and the one-sided EOT view
-of paper 000.
+"""Analysis of pretrained attention heads through the Fenchel dual of "Deciphering Attention Mechanisms:
+Optimization and Fenchel Dual Solutions" (anonymous, under review; no arXiv id) and the one-sided EOT view
+of "Scaled-Dot-Product Attention as One-Sided Entropic Optimal Transport" (Litman, arXiv:2508.08369).
 
-* :func:`fenchel_dual` solves the dual problem (7) exactly (Newton, batched, float64);
-* :mod:`~hf_eot.analysis.mapping` maps BERT, ViT and T5 attention to (t, z, u) with forward hooks;
+* :func:`fenchel_dual` solves the dual problem (7) exactly (Newton, batched, float64; options in
+  :class:`DualSettings`); :func:`second_order_approximation` is eq. (13);
+* the solver's parts: :mod:`~hf_eot.analysis.objective` (g and its gradient), :mod:`~hf_eot.analysis.newton`
+  (Newton steps and their linear systems), :mod:`~hf_eot.analysis.line_search`;
+  :mod:`~hf_eot.analysis.reference` holds reference solvers for tests and benchmarks;
+* :mod:`~hf_eot.analysis.mapping` maps BERT, ViT and T5 attention to (t, z, u) with forward hooks (the
+  architecture registry);
 * :func:`eot_certificates` and :func:`policy_gradient_check` evaluate the EOT identities of attention rows;
-* :func:`analyze` runs all of it over a model and inputs and returns an :class:`AnalysisResult`;
+* :func:`analyze` runs all of it over a model and inputs and returns an :class:`AnalysisResult`
+  (:mod:`~hf_eot.analysis.results`);
 * figures (:mod:`~hf_eot.analysis.plots`, needs matplotlib) and a Markdown report
   (:mod:`~hf_eot.analysis.report`) sit on top; ``hf-eot analyze`` is the command line.
 
@@ -13,13 +20,7 @@ attention modules of the model it is given); matplotlib is imported only by :mod
 """
 
 from .analyze import HEAD_METRICS, QUERY_METRICS, AnalysisInputError, AnalysisResult, ComponentResult, analyze
-from .dual import (
-    FenchelDualResult,
-    dual_objective,
-    fenchel_dual,
-    gradient_ascent_dual,
-    quadratic_approximation,
-)
+from .dual import DualSettings, FenchelDualResult, fenchel_dual, second_order_approximation
 from .eot import (
     EOTCertificates,
     PolicyGradientCheck,
@@ -36,6 +37,7 @@ from .mapping import (
     register_architecture,
     supported_model_types,
 )
+from .objective import dual_objective
 from .report import write_report
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "ArchitectureSpec",
     "ComponentResult",
     "DualProblems",
+    "DualSettings",
     "EOTCertificates",
     "FenchelDualResult",
     "PolicyGradientCheck",
@@ -57,9 +60,8 @@ __all__ = [
     "eot_certificates",
     "fenchel_dual",
     "fisher_information",
-    "gradient_ascent_dual",
     "policy_gradient_check",
-    "quadratic_approximation",
+    "second_order_approximation",
     "register_architecture",
     "supported_model_types",
     "write_report",

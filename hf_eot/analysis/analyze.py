@@ -1,16 +1,22 @@
 """Analyse every head of a pretrained model: lambda* against alpha z, EOT certificates, policy gradients.
 
 :func:`analyze` runs the model on a batch of inputs with hooks on its attention modules
-(:mod:`hf_eot.analysis.mapping`), poses the dual problem (7) for every layer, head and query, solves it
-exactly (:func:`hf_eot.analysis.dual.fenchel_dual`) and records, per query:
+(:mod:`hf_eot.analysis.mapping`), poses the dual problem (7) of "Deciphering Attention Mechanisms:
+Optimization and Fenchel Dual Solutions" (anonymous, under review; no arXiv id) for every layer, head and
+query, solves it exactly (:func:`hf_eot.analysis.dual.fenchel_dual`) and records, per query
+(:data:`hf_eot.analysis.results.QUERY_METRICS`):
 
-* ``relative_deviation`` ||lambda* - alpha z|| / ||lambda*|| (the paper's Fig. 4-8);
+* ``relative_deviation`` ||lambda* - alpha z|| / ||lambda*|| (the paper's Fig. 4-8) under the paper's
+  split of the score scale, and ``relative_deviation_<split>`` under the other splits
+  (:data:`hf_eot.analysis.mapping.SPLITS`): the attention is the same, the dual problem is not;
+* ``second_order_deviation`` ||lambda* - lambda_2|| / ||lambda*|| for eq. (13)'s
+  lambda_2 = alpha (I + alpha Sigma)^-1 z;
 * ``output_deviation`` ||o(lambda*) - o(alpha z)|| / sqrt(E_p ||v||^2): how far the head's output
   o = sum_i p_i v_i (value bias included) moves between the exact and the approximate solution, relative
   to the size of the value vectors it averages (p = the attention row; dividing by ||o|| instead blows up
   where the values nearly cancel);
 * ``weights_tv`` the total-variation distance 1/2 ||p* - p(alpha z)||_1 between the two attention rows;
-* ``n_iter``, ``rel_grad_norm`` of the solver;
+* ``n_iters``, ``rel_grad_norm`` of the solver;
 * the EOT certificates of the attention row the model actually computed (:mod:`hf_eot.analysis.eot`):
   ``primal``, ``dual``, ``gap``, ``entropy``, ``fisher_top_eig``, ``fisher_eff_rank``;
 
@@ -23,50 +29,32 @@ Per-query tensors are indexed ``[layer, head, example, query]``, NaN at padded q
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .dual import fenchel_dual
+from ..config import CONFIG_KEY, EOTAttentionConfig
+from .dual import DualSettings, fenchel_dual
 from .eot import eot_certificates, policy_gradient_check
-from .mapping import COMPONENTS, capture_attention, dual_problems, get_architecture
-
-__all__ = [
-    "AnalysisInputError",
-    "AnalysisResult",
-    "ComponentResult",
-    "HEAD_METRICS",
-    "QUERY_METRICS",
-    "analyze",
-]
-
-QUERY_METRICS = (
-    "relative_deviation",
-    "output_deviation",
-    "weights_tv",
-    "n_iter",
-    "rel_grad_norm",
-    "primal",
-    "dual",
-    "gap",
-    "entropy",
-    "fisher_top_eig",
-    "fisher_eff_rank",
+from .mapping import (
+    COMPONENTS,
+    SPLITS,
+    attention_sites,
+    capture_attention,
+    dual_problems,
+    get_architecture,
+    softmax_epsilon,
 )
-HEAD_METRICS = ("mapping_error", "pg_residual")
-COMPONENT_TITLES = {
-    "encoder": "encoder self-attention",
-    "decoder": "decoder self-attention",
-    "cross": "cross-attention",
-}
+from .results import HEAD_METRICS, QUERY_METRICS, AnalysisResult, ComponentResult
+
+__all__ = ["AnalysisInputError", "AnalysisResult", "ComponentResult", "HEAD_METRICS", "QUERY_METRICS", "analyze"]
+
 _SOFTMAX_KERNELS_WITHOUT_WEIGHTS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask")
@@ -77,269 +65,18 @@ class AnalysisInputError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# result containers
-
-
-@dataclass
-class ComponentResult:
-    """Results for one kind of attention (``encoder``, ``decoder`` or ``cross``).
-
-    Attributes:
-        name: the component.
-        metrics: ``QUERY_METRICS`` -> ``(L, H, B, Q)`` float tensors, NaN at padded queries.
-        head_metrics: ``HEAD_METRICS`` -> ``(L, H)``.
-        query_mask: ``(B, Q)`` bool, True at real queries.
-    """
-
-    name: str
-    metrics: dict[str, torch.Tensor]
-    head_metrics: dict[str, torch.Tensor]
-    query_mask: torch.Tensor
-
-    @property
-    def relative_deviation(self) -> torch.Tensor:
-        return self.metrics["relative_deviation"]
-
-    @property
-    def num_layers(self) -> int:
-        return self.relative_deviation.shape[0]
-
-    @property
-    def num_heads(self) -> int:
-        return self.relative_deviation.shape[1]
-
-    def values(self, metric: str, layer: int | None = None, head: int | None = None) -> torch.Tensor:
-        """The finite values of a per-query metric, optionally for one layer and/or head (1-D)."""
-        x = self.metrics[metric]
-        if layer is not None:
-            x = x[layer]
-        if head is not None:
-            x = x[..., head, :, :] if layer is None else x[head]
-        x = x.reshape(-1)
-        return x[torch.isfinite(x)]
-
-    def layer_table(self) -> list[dict[str, float]]:
-        """One row per layer; statistics pool all heads and real queries of the layer."""
-        rows = []
-        for layer in range(self.num_layers):
-            dev = self.values("relative_deviation", layer).double()
-            out = self.values("output_deviation", layer).double()
-            rows.append(
-                {
-                    "layer": layer,
-                    "heads": self.num_heads,
-                    "queries": int(self.query_mask.sum()) * self.num_heads,
-                    "mean": _stat(dev, "mean"),
-                    "median": _stat(dev, "median"),
-                    "p90": _stat(dev, "p90"),
-                    "max": _stat(dev, "max"),
-                    "output_mean": _stat(out, "mean"),
-                    "output_max": _stat(out, "max"),
-                    "weights_tv_mean": _stat(self.values("weights_tv", layer).double(), "mean"),
-                    "newton_iters_mean": _stat(self.values("n_iter", layer).double(), "mean"),
-                    "newton_iters_max": _stat(self.values("n_iter", layer).double(), "max"),
-                    "entropy_mean": _stat(self.values("entropy", layer).double(), "mean"),
-                    "fisher_eff_rank_mean": _stat(self.values("fisher_eff_rank", layer).double(), "mean"),
-                    "max_abs_gap": _stat(self.values("gap", layer).double().abs(), "max"),
-                    "mapping_error": _nanmax(self.head_metrics["mapping_error"][layer]),
-                    "pg_residual": _nanmax(self.head_metrics["pg_residual"][layer]),
-                }
-            )
-        return rows
-
-    def head_means(self, metric: str = "relative_deviation") -> torch.Tensor:
-        """``(L, H)`` mean of a per-query metric over examples and queries."""
-        x = self.metrics[metric].double()
-        finite = torch.isfinite(x)
-        total = torch.where(finite, x, torch.zeros_like(x)).sum(dim=(-2, -1))
-        return total / finite.sum(dim=(-2, -1)).clamp_min(1)
-
-
-def _stat(x: torch.Tensor, how: str) -> float:
-    if x.numel() == 0:
-        return math.nan
-    if how == "mean":
-        return float(x.mean())
-    if how == "median":
-        return float(x.median())
-    if how == "p90":
-        import numpy as np
-
-        return float(np.percentile(x.cpu().numpy(), 90))
-    if how == "max":
-        return float(x.max())
-    raise ValueError(how)
-
-
-def _nanmax(x: torch.Tensor) -> float:
-    x = x[torch.isfinite(x)]
-    return float(x.max()) if x.numel() else math.nan
-
-
-@dataclass
-class AnalysisResult:
-    """What :func:`analyze` found. ``result.relative_deviation[layer, head, example, query]`` is the
-    encoder self-attention (or the only attention) deviation; T5's decoder self-attention and
-    cross-attention sit beside it in ``result.decoder`` and ``result.cross``.
-
-    Attributes:
-        model_name: a label for the model (path or name).
-        model_type: ``config.model_type``.
-        alpha, tol: the dual problem's alpha and the solver's tolerance.
-        components: ``"encoder"`` / ``"decoder"`` / ``"cross"`` -> :class:`ComponentResult`.
-        examples: optional labels of the examples (the sentences), in batch order.
-        meta: run information (timings, problem counts, versions, attention implementation).
-    """
-
-    model_name: str
-    model_type: str
-    alpha: float
-    tol: float
-    components: dict[str, ComponentResult]
-    examples: list[str] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def relative_deviation(self) -> torch.Tensor:
-        """``(L, H, B, Q)`` ||lambda* - alpha z|| / ||lambda*|| of the encoder self-attention."""
-        return self.components["encoder"].relative_deviation
-
-    @property
-    def encoder(self) -> ComponentResult:
-        return self.components["encoder"]
-
-    @property
-    def decoder(self) -> ComponentResult | None:
-        return self.components.get("decoder")
-
-    @property
-    def cross(self) -> ComponentResult | None:
-        return self.components.get("cross")
-
-    def layer_table(self, component: str = "encoder") -> list[dict[str, float]]:
-        return self.components[component].layer_table()
-
-    # ---- tabular export
-
-    def to_columns(self) -> dict[str, Any]:
-        """Long format, one row per (component, layer, head, example, real query): numpy columns."""
-        import numpy as np
-
-        cols: dict[str, list] = {
-            k: [] for k in ("component", "layer", "head", "example", "query", *QUERY_METRICS)
-        }
-        for name, comp in self.components.items():
-            L, H, B, Q = comp.relative_deviation.shape
-            mask = comp.query_mask[None, None].expand(L, H, B, Q)
-            idx = mask.nonzero()
-            cols["component"].append(np.full(idx.shape[0], name, dtype=object))
-            for j, key in enumerate(("layer", "head", "example", "query")):
-                cols[key].append(idx[:, j].numpy())
-            for metric in QUERY_METRICS:
-                cols[metric].append(comp.metrics[metric][mask].numpy())
-        return {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
-
-    def to_records(self) -> list[dict[str, Any]]:
-        """Long format as a list of dicts (see :meth:`to_columns`)."""
-        cols = self.to_columns()
-        keys = list(cols)
-        n = len(cols["layer"])
-        return [
-            {k: (cols[k][i].item() if hasattr(cols[k][i], "item") else cols[k][i]) for k in keys}
-            for i in range(n)
-        ]
-
-    def to_pandas(self):
-        """Long format as a ``pandas.DataFrame`` (needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError as e:  # pragma: no cover - pandas is optional
-            raise ImportError("to_pandas() needs pandas: pip install pandas") from e
-        return pd.DataFrame(self.to_columns())
-
-    # ---- persistence
-
-    def summary_dict(self) -> dict[str, Any]:
-        """JSON-ready metadata and per-layer / per-head summaries (no per-query data)."""
-        comps = {}
-        for name, comp in self.components.items():
-            comps[name] = {
-                "shape": list(comp.relative_deviation.shape),
-                "layers": _jsonable(comp.layer_table()),
-                "head_mean_relative_deviation": _jsonable(comp.head_means().tolist()),
-                "head_mean_output_deviation": _jsonable(comp.head_means("output_deviation").tolist()),
-                "head_metrics": {k: _jsonable(v.tolist()) for k, v in comp.head_metrics.items()},
-            }
-        return {
-            "model_name": self.model_name,
-            "model_type": self.model_type,
-            "alpha": self.alpha,
-            "tol": self.tol,
-            "examples": self.examples,
-            "meta": _jsonable(self.meta),
-            "components": comps,
-        }
-
-    def save(self, directory: str | Path, raw: bool = True) -> dict[str, Path]:
-        """Writes ``results.safetensors`` (every per-query and per-head tensor; skipped when `raw` is
-        False) and ``results.json`` (metadata and summaries) into `directory`. Returns the paths."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, comp in self.components.items():
-            for k, v in comp.metrics.items():
-                tensors[f"{name}.{k}"] = v.contiguous()
-            for k, v in comp.head_metrics.items():
-                tensors[f"{name}.{k}"] = v.contiguous()
-            tensors[f"{name}.query_mask"] = comp.query_mask.contiguous()
-        paths = {"json": directory / "results.json"}
-        if raw:
-            paths["safetensors"] = directory / "results.safetensors"
-            save_file(tensors, str(paths["safetensors"]), metadata={"format": "hf_eot.analysis/1"})
-        paths["json"].write_text(json.dumps(self.summary_dict(), indent=1, allow_nan=False) + "\n")
-        return paths
-
-    @classmethod
-    def load(cls, directory: str | Path) -> AnalysisResult:
-        """Reads what :meth:`save` wrote."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        summary = json.loads((directory / "results.json").read_text())
-        tensors = load_file(str(directory / "results.safetensors"))
-        components = {}
-        for name in summary["components"]:
-            components[name] = ComponentResult(
-                name=name,
-                metrics={k: tensors[f"{name}.{k}"] for k in QUERY_METRICS},
-                head_metrics={k: tensors[f"{name}.{k}"] for k in HEAD_METRICS},
-                query_mask=tensors[f"{name}.query_mask"],
-            )
-        return cls(
-            model_name=summary["model_name"],
-            model_type=summary["model_type"],
-            alpha=summary["alpha"],
-            tol=summary["tol"],
-            components=components,
-            examples=summary.get("examples"),
-            meta=summary.get("meta", {}),
-        )
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
-# --------------------------------------------------------------------------------------------------
 # the driver
+
+
+@dataclass
+class _Run:
+    """What every mini-batch of one analysis shares."""
+
+    alpha: float
+    settings: DualSettings
+    loss: Callable[[torch.Tensor], torch.Tensor] | None
+    stats: dict[str, float]
+    epsilon: dict[str, float]  # site name -> softmax temperature the layer runs with
 
 
 def _batch_size_of(inputs: Mapping[str, Any]) -> int:
@@ -422,10 +159,18 @@ def _query_masks(batch: Mapping[str, Any], calls: dict[str, tuple[int, int]]) ->
     return out
 
 
-def _analyze_batch(
-    capture, batch, alpha: float, tol: float, max_iter: int, loss, stats: dict[str, float]
-) -> dict[str, dict[str, Any]]:
+def _solve(pr, t: torch.Tensor, z: torch.Tensor, run: _Run, second_order: bool):
+    """fenchel_dual for one site: the user's alpha is the paper's alpha at epsilon = 1, so the problem has
+    alpha_eff = alpha * pr.alpha and evidence z / alpha (the attention alpha_eff <t, z / alpha> is unchanged)."""
+    z = z if run.alpha == 1.0 else z / run.alpha
+    return fenchel_dual(
+        t, z, log_u=pr.log_u, alpha=run.alpha * pr.alpha, settings=run.settings, second_order=second_order
+    )
+
+
+def _analyze_batch(capture, batch, run: _Run) -> dict[str, dict[str, Any]]:
     """Per component: metrics ``(L, H, b, Q)``, head metrics ``(L, H)``, query mask ``(b, Q)``."""
+    stats = run.stats
     shapes = {}
     for site in capture.sites:
         calls = capture.calls[site.name]
@@ -437,16 +182,28 @@ def _analyze_batch(
     for site in capture.sites:
         call = capture.calls[site.name][0]
         t0 = time.perf_counter()
-        pr = dual_problems(site, call)
-        # the mapping has alpha = 1; another alpha keeps the attention (alpha * z/alpha = z) and
-        # changes the dual problem
-        z = pr.z if alpha == pr.alpha else pr.z * (pr.alpha / alpha)
-        res = fenchel_dual(
-            pr.t, z, log_u=pr.log_u, alpha=alpha, tol=tol, max_iter=max_iter, return_lam=False, warn=False
-        )
+        pr = dual_problems(site, call, epsilon=run.epsilon[site.name])
+        for name, x in (("inputs", pr.t), ("queries", pr.z), ("position bias", pr.log_prior)):
+            if x is not None and bool(torch.isnan(x).any() | (x == math.inf).any()):
+                raise AnalysisInputError(
+                    f"{site.name}: the attention {name} contain NaN or inf (does the model have non-finite "
+                    "weights, or did the forward pass overflow?); nothing to analyse"
+                )
+        res = _solve(pr, pr.t, pr.z, run, second_order=True)
+        deviations = {"relative_deviation": res.relative_deviation}
+        solved = {pr.template_scale("paper"): res.relative_deviation}
+        for split in SPLITS:
+            if split == "paper":
+                continue
+            scale = pr.template_scale(split)
+            known = next((v for k, v in solved.items() if math.isclose(k, scale, rel_tol=1e-12)), None)
+            if known is None:
+                known = _solve(pr, *pr.split(split), run, second_order=False).relative_deviation
+                solved[scale] = known
+            deviations[f"relative_deviation_{split}"] = known
         stats["solver_s"] += time.perf_counter() - t0
-        qmask = qmasks[site.component].to(res.n_iter.device)  # (B, Q)
-        real = qmask[:, None, :].expand_as(res.n_iter)
+        qmask = qmasks[site.component].to(res.n_iters.device)  # (B, Q)
+        real = qmask[:, None, :].expand_as(res.n_iters)
         stats["problems"] += int(real.sum())
         stats["not_converged"] += int((~res.converged & real).sum())
         t0 = time.perf_counter()
@@ -458,14 +215,14 @@ def _analyze_batch(
         out_dev = (o_star - o_az).norm(dim=-1) / v_rms
         tv = 0.5 * (res.weights - p_az).abs().sum(-1)
         rows = pr.model_weights if pr.model_weights is not None else p_az
-        cert = eot_certificates(rows, pr.scores, eps=pr.eps, log_prior=pr.log_prior, mask=pr.valid)
+        cert = eot_certificates(rows, pr.scores, epsilon=pr.epsilon, log_prior=pr.log_prior, mask=pr.valid)
         pg = policy_gradient_check(
             pr.scores,
             values,
-            eps=pr.eps,
+            epsilon=pr.epsilon,
             log_prior=pr.log_prior,
             mask=pr.valid.expand_as(pr.scores),
-            loss=loss,
+            loss=run.loss,
         )
         stats["certificates_s"] += time.perf_counter() - t0
         realk = real[..., None]
@@ -478,10 +235,11 @@ def _analyze_batch(
             map_err = torch.full((pr.z.shape[1],), math.nan, dtype=torch.float64, device=pr.z.device)
         nan = torch.tensor(math.nan, dtype=torch.float32, device=pr.z.device)
         metrics = {
-            "relative_deviation": res.relative_deviation,
+            **deviations,
+            "second_order_deviation": res.second_order_deviation,
             "output_deviation": out_dev,
             "weights_tv": tv,
-            "n_iter": res.n_iter.to(torch.float64),
+            "n_iters": res.n_iters.to(torch.float64),
             "rel_grad_norm": res.rel_grad_norm,
             "primal": cert.primal,
             "dual": cert.dual,
@@ -498,6 +256,7 @@ def _analyze_batch(
             **metrics,
             "mapping_error": map_err.cpu(),
             "pg_residual": pg_res.cpu(),
+            "epsilon": pr.alpha**-1,
         }
     out = {}
     for comp, layers in per_comp.items():
@@ -506,6 +265,7 @@ def _analyze_batch(
             "metrics": {k: torch.stack([layers[i][k] for i in order]) for k in QUERY_METRICS},
             "head_metrics": {k: torch.stack([layers[i][k] for i in order]) for k in HEAD_METRICS},
             "query_mask": qmasks[comp],
+            "epsilon": [layers[i]["epsilon"] for i in order],
         }
     return out
 
@@ -552,7 +312,7 @@ def process_state(model: nn.Module | None = None):
     return PartialState(cpu=on_cpu)
 
 
-def _run_shard(model, inputs, n, batch_size, alpha, tol, max_iter, loss, progress, desc, stats):
+def _run_shard(model, inputs, n, batch_size, run: _Run, progress: bool, desc: str, output_attentions: bool):
     parts = []
     device = next(model.parameters()).device
     bar = None
@@ -570,13 +330,14 @@ def _run_shard(model, inputs, n, batch_size, alpha, tol, max_iter, loss, progres
             kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             if getattr(model.config, "is_encoder_decoder", False):
                 kwargs["use_cache"] = False
+            if output_attentions:  # hf_eot's attention returns its weights only when asked
+                kwargs["output_attentions"] = True
             with torch.no_grad():
                 model(**kwargs)
-            stats["forward_s"] += time.perf_counter() - t0
-            with torch.no_grad():
-                part = _analyze_batch(capture, batch, alpha, tol, max_iter, loss, stats)
+            run.stats["forward_s"] += time.perf_counter() - t0
             # the policy-gradient check needs autograd; it runs inside _analyze_batch under enable_grad
-            parts.append(part)
+            with torch.no_grad():
+                parts.append(_analyze_batch(capture, batch, run))
             capture.clear()
             if bar is not None:
                 bar.update(min(batch_size, n - start))
@@ -585,13 +346,22 @@ def _run_shard(model, inputs, n, batch_size, alpha, tol, max_iter, loss, progres
     return parts
 
 
+def _configured(model: nn.Module) -> bool:
+    """The model's config asks hf_eot for something other than plain softmax (epsilon = 1) somewhere."""
+    raw = getattr(model.config, CONFIG_KEY, None)
+    if raw is None:
+        return False
+    specs = EOTAttentionConfig.from_dict(raw).specs()
+    return not all(s.regularizer == "softmax" and s.runs_on_sdpa and s.params["epsilon"] == 1.0 for s in specs)
+
+
 def analyze(
     model: nn.Module,
     inputs: Mapping[str, Any],
     *,
     alpha: float = 1.0,
     tol: float = 1e-8,
-    max_iter: int = 100,
+    max_iters: int = 100,
     batch_size: int = 16,
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     attn_implementation: str | None = "auto",
@@ -604,20 +374,23 @@ def analyze(
 
     Args:
         model: a supported Transformers model (BERT, ViT, T5; see
-            :func:`hf_eot.analysis.mapping.supported_model_types`).
+            :func:`hf_eot.analysis.mapping.supported_model_types`), with plain softmax attention or
+            hf_eot's softmax at any temperature epsilon (analysed with alpha / epsilon); other hf_eot
+            regularizers are refused (ValueError), as their weights are not the softmax of eq. (16).
         inputs: batched model inputs, e.g. a tokenizer's output (``input_ids``, ``attention_mask``, ...),
             ``pixel_values`` for ViT, and for T5 encoder-decoders ``decoder_input_ids`` /
             ``decoder_attention_mask`` or ``labels``.
-        alpha: strength of the evidence term. The paper's mapping fixes alpha = 1; another value keeps
-            the attention unchanged (z is rescaled to z / alpha) and changes the dual problem.
-        tol, max_iter: the solver's relative gradient tolerance and iteration cap.
+        alpha: strength of the evidence term at epsilon = 1. The paper's mapping fixes alpha = 1; another
+            value keeps the attention unchanged (z is rescaled to z / alpha) and changes the dual problem.
+        tol, max_iters: the solver's relative gradient tolerance and Newton iteration cap.
         batch_size: examples per forward pass.
         loss: scalar loss of the head outputs ``(B, H, Q, d')`` for the policy-gradient check
             (default 0.5 * ||o||^2).
-        attn_implementation: ``"auto"`` switches softmax kernels that return no weights (sdpa, flash) to
-            ``"eager"`` for the run (same function, and the weights become available for the mapping check
-            and the certificates) and keeps any other implementation; a name forces it; None keeps the
-            model's. The model's setting is restored afterwards.
+        attn_implementation: ``"auto"`` runs hf_eot-configured models (anything but softmax with
+            epsilon = 1) with ``"eot"``, switches softmax kernels that return no weights (sdpa, flash) to
+            ``"eager"`` (same function, and the weights become available for the mapping check and the
+            certificates) and keeps any other implementation; a name forces it; None keeps the model's.
+            The model's setting is restored afterwards.
         distributed: split the examples across ``accelerate`` processes and gather the results; default:
             when more than one process is running.
         progress: show a tqdm progress bar (main process only).
@@ -625,10 +398,11 @@ def analyze(
         examples: labels of the examples (e.g. the sentences), stored in the result.
     """
     spec = get_architecture(model)  # fails early for unsupported model types
-    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    settings = DualSettings(tol=tol, max_iters=max_iters, return_lam=False, warn=False)
     inputs = _prepare_inputs(model, inputs)
     n = _batch_size_of(inputs)
     if n == 0:
@@ -643,15 +417,27 @@ def analyze(
     previous_impl = getattr(model.config, "_attn_implementation", None)
     target = attn_implementation
     if target == "auto":
-        target = (
-            "eager" if (previous_impl in _SOFTMAX_KERNELS_WITHOUT_WEIGHTS or previous_impl is None) else None
-        )
+        if _configured(model):
+            target = "eot"
+        elif previous_impl in _SOFTMAX_KERNELS_WITHOUT_WEIGHTS or previous_impl is None:
+            target = "eager"
+        else:
+            target = None
     was_training = model.training
-    stats = {"forward_s": 0.0, "solver_s": 0.0, "certificates_s": 0.0, "problems": 0, "not_converged": 0}
+    run = _Run(
+        alpha=float(alpha),
+        settings=settings,
+        loss=loss,
+        stats={"forward_s": 0.0, "solver_s": 0.0, "certificates_s": 0.0, "problems": 0, "not_converged": 0},
+        epsilon={},
+    )
     t_start = time.perf_counter()
     try:
         if target is not None and target != previous_impl:
             model.set_attn_implementation(target)
+        output_attentions = (target or previous_impl) == "eot"
+        # what each layer runs, before any forward pass: refuses non-softmax layers
+        run.epsilon = {s.name: softmax_epsilon(s.module, s.component, s.layer) for s in attention_sites(model)}
         model.eval()
         desc = model_name or type(model).__name__
         if distributed and state.num_processes > 1:
@@ -659,32 +445,20 @@ def analyze(
 
             with state.split_between_processes(list(range(n))) as shard:
                 shard_inputs = _select(inputs, shard) if shard else None
+                show = progress and state.is_main_process
                 parts = (
-                    _run_shard(
-                        model,
-                        shard_inputs,
-                        len(shard),
-                        batch_size,
-                        alpha,
-                        tol,
-                        max_iter,
-                        loss,
-                        progress and state.is_main_process,
-                        desc,
-                        stats,
-                    )
+                    _run_shard(model, shard_inputs, len(shard), batch_size, run, show, desc, output_attentions)
                     if shard
                     else []
                 )
-            gathered = gather_object([(state.process_index, parts, stats)])
+            gathered = gather_object([(state.process_index, parts, run.stats)])
             gathered = sorted(gathered, key=lambda x: x[0])
             parts = [p for _, ps, _ in gathered for p in ps]
-            stats = {k: sum(s[k] for _, _, s in gathered) for k in stats}
+            stats = {k: sum(s[k] for _, _, s in gathered) for k in run.stats}
             stats["processes"] = state.num_processes
         else:
-            parts = _run_shard(
-                model, inputs, n, batch_size, alpha, tol, max_iter, loss, progress, desc, stats
-            )
+            parts = _run_shard(model, inputs, n, batch_size, run, progress, desc, output_attentions)
+            stats = dict(run.stats)
             stats["processes"] = 1
     finally:
         if target is not None and target != previous_impl and previous_impl is not None:
@@ -695,19 +469,25 @@ def analyze(
     if stats["not_converged"]:
         warnings.warn(
             f"analyze: {stats['not_converged']} of {stats['problems']} dual problems did not reach tol={tol:g} "
-            f"in max_iter={max_iter} Newton iterations; their deviations are approximate (see "
-            "metrics['rel_grad_norm']). Raise max_iter or loosen tol.",
+            f"in max_iters={max_iters} Newton iterations; their deviations are approximate (see "
+            "metrics['rel_grad_norm']). Raise max_iters or loosen tol.",
             RuntimeWarning,
             stacklevel=2,
         )
     import transformers
 
+    epsilon = {}
+    for part in parts:
+        for name, comp in part.items():
+            epsilon.setdefault(name, comp["epsilon"])
     meta = {
         **stats,
         "num_examples": n,
         "attn_implementation": target or previous_impl,
         "architecture": type(model).__name__,
         "attention_class": spec.attention_class,
+        "epsilon": epsilon,
+        "splits": dict(SPLITS),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

@@ -1,19 +1,21 @@
-"""One-sided entropic-OT certificates of attention rows and the policy-gradient form of backprop (paper 000).
+"""One-sided entropic-OT certificates of attention rows and the policy-gradient form of backprop.
+
+From "Scaled-Dot-Product Attention as One-Sided Entropic Optimal Transport" (Litman, arXiv:2508.08369).
 
 Convention (tested in ``tests/analysis/test_eot.py``). For one query with raw scores s_j = <q, k_j>,
-temperature eps (= tau, the inverse of the model's ``scaling``) and an optional prior given as
+temperature epsilon (= tau, the inverse of the model's ``scaling``) and an optional prior given as
 unnormalized log-weights b_j (T5's position bias; 0 for BERT and ViT; -inf on masked keys), the cost is
 C_j = -s_j and the attention row solves
 
-    min_p  <C, p> - eps H(p) - eps <p, b>       over the simplex on the unmasked keys,
+    min_p  <C, p> - epsilon H(p) - epsilon <p, b>       over the simplex on the unmasked keys,
 
-(with b = 0 this is the issue's  <C, p> - eps H(p)); its minimizer is p = softmax(s / eps + b) and its
-minimum is the log-sum-exp dual value  -eps log sum_j exp(b_j - C_j / eps).  The gap primal - dual is
+(with b = 0 this is <C, p> - epsilon H(p)); its minimizer is p = softmax(s / epsilon + b) and its
+minimum is the log-sum-exp dual value  -epsilon log sum_j exp(b_j - C_j / epsilon).  The gap primal - dual is
 >= 0 for every p on the simplex and 0 exactly at the attention row, so for a softmax row it is zero up
-to round-off. The dual potential phi(s) = eps log sum_j exp(b_j + s_j / eps) has gradient p and Hessian
-(diag(p) - p p^T) / eps: the Fisher information of the categorical distribution p (scaled by 1 / eps).
+to round-off. The dual potential phi(s) = epsilon log sum_j exp(b_j + s_j / epsilon) has gradient p and Hessian
+(diag(p) - p p^T) / epsilon: the Fisher information of the categorical distribution p (scaled by 1 / epsilon).
 
-Backprop: for any loss L of the row, with g_j = dL/dp_j,  dL/ds_j = p_j (g_j - E_p[g]) / eps — an
+Backprop: for any loss L of the row, with g_j = dL/dp_j,  dL/ds_j = p_j (g_j - E_p[g]) / epsilon — an
 advantage-weighted policy gradient with baseline E_p[g].
 
 Pure torch; no Transformers import.
@@ -40,8 +42,8 @@ class EOTCertificates:
     """Certificates for a batch of attention rows; every field has the batch shape of the rows.
 
     Attributes:
-        primal: <C, p> - eps H(p) - eps <p, b>.
-        dual: -eps log sum_j exp(b_j - C_j / eps).
+        primal: <C, p> - epsilon H(p) - epsilon <p, b>.
+        dual: -epsilon log sum_j exp(b_j - C_j / epsilon).
         gap: primal - dual (>= 0; 0 up to round-off for the exact EOT solution).
         entropy: H(p) = -sum_j p_j log p_j (nats).
         fisher_top_eig: largest eigenvalue of diag(p) - p p^T.
@@ -86,28 +88,28 @@ def eot_certificates(
     p: torch.Tensor,
     scores: torch.Tensor,
     *,
-    eps: float = 1.0,
+    epsilon: float = 1.0,
     log_prior: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     spectrum: bool = True,
 ) -> EOTCertificates:
     """Primal and dual values of the one-sided EOT problem for the attention rows `p`.
 
-    Solves nothing: evaluates  <C, p> - eps H(p) - eps <p, b>  at the given rows and the dual
-    -eps logsumexp(b - C / eps) with C = -scores, so that their gap certifies how far `p` is from the
-    optimum (the gap equals eps KL(p || softmax(scores / eps + b))).
+    Solves nothing: evaluates  <C, p> - epsilon H(p) - epsilon <p, b>  at the given rows and the dual
+    -epsilon logsumexp(b - C / epsilon) with C = -scores, so that their gap certifies how far `p` is from the
+    optimum (the gap equals epsilon KL(p || softmax(scores / epsilon + b))).
 
     Args:
         p: ``(..., n)`` attention rows (zero on masked keys).
         scores: ``(..., n)`` raw scores s_j = <q, k_j> (cost C_j = -s_j), broadcastable to `p`.
-        eps: entropic regularization = softmax temperature tau (1 / scaling in Transformers).
+        epsilon: entropic regularization = softmax temperature tau (1 / scaling in Transformers).
         log_prior: ``(..., n)`` unnormalized log prior b (T5's position bias), broadcastable; 0 if None.
         mask: ``(..., n)`` bool, True for keys that may be attended to; default: all.
         spectrum: also compute the Fisher information's top eigenvalue and effective rank (an
             n x n eigendecomposition per row); NaN when False.
     """
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     dtype = torch.promote_types(p.dtype, torch.float64)
     p = p.to(dtype)
     scores = scores.to(dtype)
@@ -121,9 +123,9 @@ def eot_certificates(
     entropy = -torch.where(valid, p * logp, zero).sum(-1)
     cost_term = torch.where(valid, -scores * p, zero).sum(-1)
     prior_term = torch.where(valid, b * p, zero).sum(-1)
-    primal = cost_term - eps * entropy - eps * prior_term
-    logits = torch.where(valid, b + scores / eps, torch.full((), -torch.inf, dtype=dtype, device=p.device))
-    dual = -eps * torch.logsumexp(logits, dim=-1)
+    primal = cost_term - epsilon * entropy - epsilon * prior_term
+    logits = torch.where(valid, b + scores / epsilon, torch.full((), -torch.inf, dtype=dtype, device=p.device))
+    dual = -epsilon * torch.logsumexp(logits, dim=-1)
     if spectrum:
         top, eff = _fisher_spectrum(torch.where(valid, p, zero))
     else:
@@ -135,11 +137,11 @@ def eot_certificates(
 
 @dataclass
 class PolicyGradientCheck:
-    """dL/ds by autograd against the policy-gradient formula p_j (g_j - E_p[g]) / eps.
+    """dL/ds by autograd against the policy-gradient formula p_j (g_j - E_p[g]) / epsilon.
 
     Attributes:
         grad_autograd: ``(..., n)`` dL/ds from backprop through the softmax.
-        grad_policy: ``(..., n)`` p_j (g_j - E_p[g]) / eps with g = dL/dp.
+        grad_policy: ``(..., n)`` p_j (g_j - E_p[g]) / epsilon with g = dL/dp.
         advantage: ``(..., n)`` g_j - E_p[g].
         residual: max |grad_autograd - grad_policy| (a scalar tensor).
         relative_residual: residual / max |grad_autograd|.
@@ -160,25 +162,25 @@ def policy_gradient_check(
     scores: torch.Tensor,
     values: torch.Tensor,
     *,
-    eps: float = 1.0,
+    epsilon: float = 1.0,
     log_prior: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PolicyGradientCheck:
-    """Checks dL/ds_j = p_j (g_j - E_p[g]) / eps for attention p = softmax(s / eps + b) and output
+    """Checks dL/ds_j = p_j (g_j - E_p[g]) / epsilon for attention p = softmax(s / epsilon + b) and output
     o = p @ values.
 
     Args:
         scores: ``(..., q, n)`` raw scores.
         values: ``(..., n, d_v)`` value vectors, broadcastable against the batch dims of `scores`.
-        eps, log_prior, mask: as in :func:`eot_certificates`.
+        epsilon, log_prior, mask: as in :func:`eot_certificates`.
         loss: scalar function of the output ``(..., q, d_v)``; default 0.5 * ||o||^2 summed.
     """
     loss = _default_loss if loss is None else loss
     values = values.detach()
     with torch.enable_grad():
         s = scores.detach().clone().requires_grad_(True)
-        logits = s / eps
+        logits = s / epsilon
         if log_prior is not None:
             logits = logits + log_prior.detach()
         if mask is not None:
@@ -190,7 +192,7 @@ def policy_gradient_check(
     pd = p.detach()
     baseline = (pd * g).sum(-1, keepdim=True)
     adv = g - baseline
-    formula = pd * adv / eps
+    formula = pd * adv / epsilon
     if mask is not None:
         grad_s = grad_s.masked_fill(~mask, 0.0)
         formula = formula.masked_fill(~mask, 0.0)

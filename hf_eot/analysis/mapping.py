@@ -1,16 +1,27 @@
-"""Architecture -> (t, z, u): how each pretrained attention layer poses the dual problem (paper 003, Sec. 8).
+"""Architecture -> (t, z, u): how each pretrained attention layer poses the dual problem.
 
-For one head with query/key projections (W_Q, b_Q), (W_K, b_K) and the model's score scaling
-``scaling`` (1 / sqrt(d') in BERT and ViT, 1 in T5), the score of query x_k against key x_i is
+From "Deciphering Attention Mechanisms: Optimization and Fenchel Dual Solutions" (anonymous, under
+review; no arXiv id), Section 8. For one head with query/key projections (W_Q, b_Q), (W_K, b_K), the
+model's score scaling ``scaling`` (1 / sqrt(d') in BERT and ViT, 1 in T5) and the softmax temperature
+``epsilon`` of an hf_eot softmax layer (1 otherwise), the attention logit of query x_k for key x_i is
 
-    scaling <W_K x_i + b_K, W_Q x_k + b_Q> = <t_i, z> + (a term constant in i),
-    t_i = scaling * x_i,   z = W_K^T (W_Q x_k + b_Q),   alpha = 1,
+    scaling / epsilon <W_K x_i + b_K, W_Q x_k + b_Q> = alpha <t_i, z> + (a term constant in i),
 
-so eq. (16) with lambda = alpha z reproduces the softmax row exactly (the key bias only shifts every
-score of the row by the same amount). x_i is the input of the attention module (the key-side input
-for T5's cross-attention). The preference weights u are uniform on the unmasked keys (BERT, ViT) or
-proportional to exp(position_bias) and zero on masked keys (T5: encoder self-attention, decoder
-self-attention with its causal mask, and cross-attention, whose bias is zero), i.e. eq. (17).
+which only fixes the product of the scales of t, z and alpha. The paper's split, used for every
+architecture (T5 included), is
+
+    t_i = x_i / sqrt(d'),   z = scaling sqrt(d') W_K^T (W_Q x_k + b_Q),   alpha = 1 / epsilon,
+
+(for BERT and ViT: z = W_K^T q and alpha = 1, as in the paper), so eq. (16) with lambda = alpha z
+reproduces the softmax row exactly (the key bias shifts every score of the row by the same amount).
+Attention does not depend on the split; the dual problem, and lambda*, do: :data:`SPLITS` names the
+alternatives the analysis reports beside it. x_i is the input of the attention module (the key-side
+input for T5's cross-attention). The preference weights u are uniform on the unmasked keys (BERT, ViT)
+or proportional to exp(position_bias) and zero on masked keys (T5's encoder and decoder
+self-attention, with its causal mask, and cross-attention, whose bias is zero): eq. (17).
+
+Only softmax attention has this dual: a layer configured with another hf_eot regularizer, or with a
+named position prior, is refused (:func:`softmax_epsilon`).
 
 The inputs are captured with forward hooks on the attention modules: nothing in Transformers is
 patched, and the hooks are removed when :func:`capture_attention` exits. A model type is supported
@@ -21,15 +32,21 @@ when it has an entry in the registry (:func:`register_architecture`); others get
 from __future__ import annotations
 
 import inspect
-import re
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..config import CONFIG_KEY, PARTS, EOTAttentionConfig
+from ..integration.modules import locate_attention
+
 __all__ = [
+    "COMPONENTS",
+    "COMPONENT_TITLES",
+    "SPLITS",
     "ArchitectureSpec",
     "AttentionCapture",
     "AttentionSite",
@@ -41,10 +58,38 @@ __all__ = [
     "dual_problems",
     "get_architecture",
     "register_architecture",
+    "softmax_epsilon",
     "supported_model_types",
+    "template_scale",
 ]
 
-COMPONENTS = ("encoder", "decoder", "cross")
+#: The kinds of attention, as named in ``config.eot_attention`` (:data:`hf_eot.config.PARTS`).
+COMPONENTS: tuple[str, ...] = PARTS
+COMPONENT_TITLES: dict[str, str] = {
+    "encoder": "encoder self-attention",
+    "decoder": "decoder self-attention",
+    "cross": "cross-attention",
+}
+assert tuple(COMPONENT_TITLES) == COMPONENTS
+
+#: Ways to split the score scale between templates and evidence: name -> (t_i, z) in words. The
+#: attention is the same under each; "paper" is the mapping of Section 8.
+SPLITS: dict[str, str] = {
+    "paper": "t_i = x_i / sqrt(d'), z = scaling sqrt(d') W_K^T q",
+    "unscaled_templates": "t_i = x_i, z = scaling W_K^T q",
+    "unscaled_evidence": "t_i = scaling x_i, z = W_K^T q",
+}
+
+
+def template_scale(split: str, head_dim: int, scaling: float) -> float:
+    """s with t_i = s x_i under `split` (z then carries scaling / s)."""
+    if split == "paper":
+        return head_dim**-0.5
+    if split == "unscaled_templates":
+        return 1.0
+    if split == "unscaled_evidence":
+        return scaling
+    raise ValueError(f"unknown split {split!r}; valid choices: {list(SPLITS)}")
 
 
 class UnsupportedModelError(ValueError):
@@ -60,7 +105,6 @@ class ArchitectureSpec:
         attention_class: class name of the attention module to hook.
         q, k, v: attribute names of the query, key and value projections (``nn.Linear``).
         n_heads_attr, head_dim_attr: attribute names of the head count and head size.
-        site: maps a module's qualified name to ``(component, layer)`` or None (not analysed).
         hidden_arg, mask_arg: names of the forward arguments holding the query-side input and the mask.
         kv_arg: name of the key-side input of cross-attention (None: self-attention only).
         position_bias_output: index of the position bias in the module's output tuple (T5), or None.
@@ -73,7 +117,6 @@ class ArchitectureSpec:
     v: str
     n_heads_attr: str
     head_dim_attr: str
-    site: Callable[[str], tuple[str, int] | None]
     hidden_arg: str = "hidden_states"
     mask_arg: str = "attention_mask"
     kv_arg: str | None = None
@@ -115,32 +158,6 @@ def get_architecture(model_or_type: nn.Module | str) -> ArchitectureSpec:
         ) from None
 
 
-def _bert_site(name: str) -> tuple[str, int] | None:
-    m = re.search(r"(?:^|\.)layer\.(\d+)\.attention\.self$", name)
-    if m:
-        return "encoder", int(m.group(1))
-    if re.search(r"(?:^|\.)layer\.(\d+)\.crossattention\.self$", name):
-        raise UnsupportedModelError("BERT cross-attention (add_cross_attention=True) has no mapping yet")
-    return None
-
-
-def _vit_site(name: str) -> tuple[str, int] | None:
-    m = re.search(r"(?:^|\.)layers?\.(\d+)\.attention(?:\.attention)?$", name)
-    return ("encoder", int(m.group(1))) if m else None
-
-
-def _t5_site(name: str) -> tuple[str, int] | None:
-    m = re.search(
-        r"(?:^|\.)(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.(SelfAttention|EncDecAttention)$", name
-    )
-    if not m:
-        return None
-    stack, layer, kind = m.group(1), int(m.group(2)), m.group(3)
-    if kind == "EncDecAttention":
-        return "cross", layer
-    return ("encoder" if stack == "encoder" else "decoder"), layer
-
-
 register_architecture(
     ArchitectureSpec(
         model_type="bert",
@@ -150,7 +167,6 @@ register_architecture(
         v="value",
         n_heads_attr="num_attention_heads",
         head_dim_attr="attention_head_size",
-        site=_bert_site,
     )
 )
 register_architecture(
@@ -162,7 +178,6 @@ register_architecture(
         v="v_proj",
         n_heads_attr="num_attention_heads",
         head_dim_attr="head_dim",
-        site=_vit_site,
     )
 )
 register_architecture(
@@ -174,7 +189,6 @@ register_architecture(
         v="v",
         n_heads_attr="n_heads",
         head_dim_attr="key_value_proj_dim",
-        site=_t5_site,
         mask_arg="mask",
         kv_arg="key_value_states",
         position_bias_output=1,
@@ -196,18 +210,17 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
     """All analysable attention modules of `model`, sorted by component then layer."""
     spec = get_architecture(model)
     sites = []
-    for name, module in model.named_modules():
-        if type(module).__name__ != spec.attention_class:
+    for location in locate_attention(model):
+        if type(location.module).__name__ != spec.attention_class:
             continue
-        role = spec.site(name)
-        if role is not None:
-            sites.append(AttentionSite(role[0], role[1], name, module))
+        if location.part == "cross" and spec.kv_arg is None:
+            raise UnsupportedModelError(f"{spec.model_type} cross-attention has no mapping yet")
+        sites.append(AttentionSite(location.part, location.layer, location.name, location.module))
     if not sites:
         raise UnsupportedModelError(
             f"found no {spec.attention_class} modules in {type(model).__name__} (model type {spec.model_type!r})"
         )
-    order = {c: i for i, c in enumerate(COMPONENTS)}
-    return sorted(sites, key=lambda s: (order[s.component], s.layer))
+    return sites  # locate_attention sorts by part (= component) then layer
 
 
 @dataclass
@@ -275,21 +288,24 @@ def capture_attention(model: nn.Module) -> Iterator[AttentionCapture]:
 
 @dataclass
 class DualProblems:
-    """The dual problems of one attention call, for every head and query, in float64.
+    """The dual problems of one attention call, for every head and query, in float64, under the paper's
+    split (see the module docstring).
 
     Shapes: B batch, H heads, Q queries, K keys, D model width, d' head size.
 
     Attributes:
-        t: ``(B, 1, 1, K, D)`` templates t_i = scaling * x_i (shared by all heads and queries).
-        z: ``(B, H, Q, D)`` evidence z = W_K^T (W_Q x_k + b_Q).
+        t: ``(B, 1, 1, K, D)`` templates t_i = x_i / sqrt(d') (shared by all heads and queries).
+        z: ``(B, H, Q, D)`` evidence z = scaling sqrt(d') W_K^T (W_Q x_k + b_Q).
         log_u: ``(B, H or 1, Q, K)`` unnormalized log preference weights; -inf on masked keys.
-        alpha: 1.
+        alpha: 1 / epsilon.
         valid: ``(B, 1, Q, K)`` keys each query may attend to.
         scores: ``(B, H, Q, K)`` raw scores <q, k> with both biases (cost C = -scores).
-        eps: entropic regularization 1 / scaling.
+        epsilon: entropic regularization of the one-sided EOT view, epsilon / scaling (the softmax
+            temperature: the rows are softmax(scores / epsilon + log_prior)).
         log_prior: ``(B or 1, H, Q, K)`` T5's position bias, or None.
         values: ``(B, H, K, d')`` the head's value vectors (bias included).
         model_weights: ``(B, H, Q, K)`` the attention weights the model returned, or None.
+        head_dim, scaling: d' and the model's score scaling, which fix the other splits.
     """
 
     t: torch.Tensor
@@ -298,10 +314,12 @@ class DualProblems:
     alpha: float
     valid: torch.Tensor
     scores: torch.Tensor
-    eps: float
+    epsilon: float
     log_prior: torch.Tensor | None
     values: torch.Tensor
     model_weights: torch.Tensor | None
+    head_dim: int
+    scaling: float
 
     def attention(self, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. (9)/(16): p_i proportional to u_i exp(<t_i, lam>), with lam = alpha z by default.
@@ -309,6 +327,55 @@ class DualProblems:
         lam = self.alpha * self.z if lam is None else lam
         logits = self.log_u + torch.einsum("bxyid,bhqd->bhqi", self.t, lam)
         return torch.softmax(logits, dim=-1)
+
+    def template_scale(self, split: str) -> float:
+        """s with t_i = s x_i under `split` (:data:`SPLITS`)."""
+        return template_scale(split, self.head_dim, self.scaling)
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, z) under another split of the score scale; alpha <t_i, z> (the attention) is unchanged."""
+        factor = self.template_scale(split) / self.template_scale("paper")
+        return self.t * factor, self.z / factor
+
+
+def softmax_epsilon(module: nn.Module, component: str, layer: int) -> float:
+    """The softmax temperature epsilon that `module` (``component``, ``layer``) runs with.
+
+    1 for a model without ``config.eot_attention`` or not running hf_eot's "eot" attention;
+    the configured epsilon for an hf_eot softmax layer. Raises ValueError for layers configured with
+    another regularizer or a named prior, whose weights the Fenchel dual (7) does not describe, and for a
+    configured model that does not run the "eot" implementation (it would not compute what its config
+    says).
+    """
+    config = module.config
+    raw = getattr(config, CONFIG_KEY, None)
+    if raw is None:
+        return 1.0
+    spec = EOTAttentionConfig.from_dict(raw).spec_for(layer, component)
+    where = f"{component} layer {layer}"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != "eot":
+        if spec.regularizer == "softmax" and spec.params.get("prior") is None and spec.params["epsilon"] == 1.0:
+            return 1.0
+        raise ValueError(
+            f"config.{CONFIG_KEY} configures the {where} as {spec.to_dict()}, but the model runs the "
+            f"{implementation!r} attention implementation, which ignores it; load or set the model with "
+            "attn_implementation='eot' (after `import hf_eot`) to analyse what it is configured to compute"
+        )
+    if spec.regularizer != "softmax":
+        raise ValueError(
+            f"the {where} runs {spec.regularizer!r} attention; the Fenchel dual (7) analysed here is that of "
+            "softmax attention (the KL term of problem (3), whose conjugate is log-sum-exp), so lambda* and "
+            f"alpha z do not describe {spec.regularizer!r} weights. Analyse models whose attention is softmax "
+            "(hf_eot's 'softmax' regularizer, any epsilon)"
+        )
+    if spec.params.get("prior") is not None:
+        raise ValueError(
+            f"the {where} runs softmax with prior={spec.params['prior']!r}; the prior would enter u (eq. 17), "
+            "but the analysis reads position priors only from the model's own modules (T5's position "
+            "bias). Analyse the model without a named prior"
+        )
+    return float(spec.params["epsilon"])
 
 
 def _heads(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int, head_dim: int, dtype):
@@ -340,9 +407,13 @@ def _valid_keys(mask: torch.Tensor | None, causal: bool, B: int, Q: int, K: int,
 
 
 def dual_problems(
-    site: AttentionSite, call: CapturedCall, dtype: torch.dtype = torch.float64
+    site: AttentionSite, call: CapturedCall, epsilon: float = 1.0, dtype: torch.dtype = torch.float64
 ) -> DualProblems:
-    """Builds (t, z, u) and the EOT quantities of one captured call (see the module docstring)."""
+    """Builds (t, z, u) under the paper's split and the EOT quantities of one captured call (see the
+    module docstring); `epsilon` is the softmax temperature the layer runs with
+    (:func:`softmax_epsilon`)."""
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     module = site.module
     spec = get_architecture(site.module.config.model_type) if hasattr(module, "config") else None
     if spec is None:
@@ -361,8 +432,9 @@ def dual_problems(
     q = torch.einsum("bqd,hed->bhqe", x, Wq) + bq[None, :, None, :]
     k = torch.einsum("bkd,hed->bhke", xkv, Wk) + bk[None, :, None, :]
     v = torch.einsum("bkd,hed->bhke", xkv, Wv) + bv[None, :, None, :]
-    z = torch.einsum("bhqe,hed->bhqd", q, Wk)
-    t = (scaling * xkv)[:, None, None]
+    s_t = template_scale("paper", dh, scaling)
+    z = (scaling / s_t) * torch.einsum("bhqe,hed->bhqd", q, Wk)
+    t = (s_t * xkv)[:, None, None]
     causal = bool(getattr(module, "is_causal", False)) and call.self_attention
     valid = _valid_keys(call.mask, causal, B, Q, K, x.device)
     neg_inf = torch.tensor(-torch.inf, dtype=dtype, device=x.device)
@@ -377,11 +449,13 @@ def dual_problems(
         t=t,
         z=z,
         log_u=log_u,
-        alpha=1.0,
+        alpha=1.0 / epsilon,
         valid=valid,
         scores=scores,
-        eps=1.0 / scaling,
+        epsilon=epsilon / scaling,
         log_prior=log_prior,
         values=v,
         model_weights=call.weights.to(dtype) if call.weights is not None else None,
+        head_dim=dh,
+        scaling=scaling,
     )

@@ -141,7 +141,7 @@ def plot_head_heatmap(
 
 def write_figures(result, directory: str | Path) -> dict[str, dict[str, Path]]:
     """All figures of a result into `directory`; returns ``{component: {kind: path}}``."""
-    from .analyze import COMPONENT_TITLES
+    from .mapping import COMPONENT_TITLES
 
     directory = Path(directory)
     out: dict[str, dict[str, Path]] = {}

@@ -2,7 +2,7 @@
 
 from .attention import eot_attention_forward, eot_mask
 from .configure import configure
-from .modules import EOTAttentionParameters
+from .parameters import EOTAttentionParameters
 from .registration import ATTN_IMPLEMENTATION, register
 
 __all__ = [

@@ -9,14 +9,15 @@ own ``sdpa_mask``, so ``"eot"`` sees exactly the masks ``"sdpa"`` sees, includin
   function below rebuilds the causal mask whenever it does not hand the call to SDPA itself.
 
 The 4D masks of Transformers mark padded *keys* only, so a padded query row looks like a real one.
-Row-separable maps do not care (a padded row never feeds a real token), but Sinkhorn's column marginals
-sum over queries: for it, the query rows of padded tokens are masked too (self-attention: token ``i`` is
-padding iff key ``i`` is masked on its own row).
+Row-separable maps do not care (a padded row never feeds a real token), but maps that couple queries
+(Sinkhorn's column marginals sum over queries) must not let padded tokens take column mass.  For them,
+in self-attention, a token is padding iff no query may attend to it (its key column is fully masked, as
+for every padded token of a Transformers mask), and its query row is then masked too; fully masked rows
+are non-existent queries, as in :func:`hf_eot.attention_weights`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -25,17 +26,11 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import sdpa_mask
 
 from ..config import AttentionSpec
-from ..functional import attention_weights
 from ..ops.priors import alibi_bias, relative_position_buckets
 from ..regularizers import get_regularizer
-from .modules import (
-    NUM_RELATIVE_BUCKETS,
-    RELATIVE_MAX_DISTANCE,
-    hidden_size,
-    module_part,
-    module_spec,
-    num_heads,
-)
+from .adapters import warn_if_frozen
+from .modules import hidden_size, layer_index, model_parts, module_part, num_heads
+from .parameters import NUM_RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE, learned_values, module_spec
 
 __all__ = ["eot_attention_forward", "eot_mask"]
 
@@ -76,11 +71,8 @@ def _log_prior(
     """The additive log-prior of a layer: T5's position bias, a float mask's finite part, and the prior
     named in the spec (ALiBi, or learned relative-position buckets)."""
     terms = [t for t in (position_bias, mask_bias) if t is not None]
-    prior = spec.params.get("prior")
-    part = module_part(module)
-    if prior is not None and part == "cross":
-        raise ValueError(f"prior={prior!r} is a position prior and has no meaning for cross-attention")
-    causal = part == "decoder"
+    prior = spec.params.get("prior")  # never set on cross-attention (EOTAttentionConfig.check_model)
+    causal = module_part(module) == "decoder"
     if prior == "alibi":
         terms.append(alibi_bias(num_heads(module), n_queries, n_keys, causal=causal, device=device)[None])
     elif prior == "relative_buckets":
@@ -106,10 +98,19 @@ def _append_partner_templates(
     key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, partners: torch.Tensor, n_queries: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append to each example's templates (keys/values) those of ``partners[b]`` (-1: none), masked where
-    absent: the OT-ViT training trick of paper 003, Section 9."""
+    absent: the OT-ViT training trick of "Deciphering Attention Mechanisms: Optimization and Fenchel Dual
+    Solutions", Section 9."""
     batch, _, n_keys, _ = key.shape
-    if partners.shape != (batch,):
-        raise ValueError(f"eot_template_partners must have shape ({batch},), got {tuple(partners.shape)}")
+    if not isinstance(partners, torch.Tensor) or partners.shape != (batch,):
+        raise ValueError(f"eot_template_partners must be an integer tensor of shape ({batch},), got {partners!r}")
+    if partners.dtype.is_floating_point or partners.dtype.is_complex or partners.dtype == torch.bool:
+        raise ValueError(
+            f"eot_template_partners must hold integer example indices (-1: none), got dtype {partners.dtype}"
+        )
+    if bool(((partners < -1) | (partners >= batch)).any()):
+        raise ValueError(
+            f"eot_template_partners must hold example indices in 0..{batch - 1} (or -1: none), got {partners.tolist()}"
+        )
     partners = partners.to(key.device)
     has_partner = partners >= 0
     source = partners.clamp(min=0)
@@ -124,6 +125,46 @@ def _append_partner_templates(
     # a partner's own padded keys stay masked: its mask row is taken for its first query
     partner_keys = partner_keys[:, :, :1, :].expand(batch, own.shape[1], n_queries, n_keys)
     return key, value, torch.cat([own, partner_keys], dim=-1)
+
+
+def _mask_is_causal(mask: torch.Tensor) -> bool:
+    """Whether a boolean mask ``(..., Q, K)`` hides future tokens: no allowed entry above the (bottom-right
+    aligned) diagonal, and some entry there hidden between a real query and a real key."""
+    n_queries, n_keys = mask.shape[-2:]
+    if n_queries < 2:
+        return False
+    future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=mask.device).triu(n_keys - n_queries + 1)
+    if bool((mask & future).any()):
+        return False
+    real = mask.any(dim=-1, keepdim=True) & mask.any(dim=-2, keepdim=True)  # (..., Q, K)
+    return bool((future & real).any())
+
+
+def _mask_padded_queries(mask: torch.Tensor) -> torch.Tensor:
+    """Self-attention mask with the query rows of padded tokens masked too: token ``i`` is padding iff no
+    query may attend to it (key column ``i`` fully masked)."""
+    padded = ~mask.any(dim=-2)  # (B, 1|H, K) = (B, 1|H, Q)
+    return mask & ~padded.unsqueeze(-1)
+
+
+def _refuse_coupled_queries(name: str, module: nn.Module, part: str, call_causal: bool) -> None:
+    """A map that couples queries cannot run where queries come one at a time (causal calls, decoders,
+    cross-attention): later tokens would change earlier ones.  The advice names ``part='encoder'`` only
+    when the model has a non-causal encoder part elsewhere."""
+    try:
+        has_encoder = "encoder" in model_parts(module.config)
+    except ValueError:
+        has_encoder = False
+    where = "a causal attention call" if call_causal else f"the {part} attention"
+    if has_encoder and part != "encoder":
+        advice = f"use it for encoder self-attention only: hf_eot.configure(model, {name!r}, part='encoder')"
+    else:
+        advice = "use it only on attention that is neither causal nor cross-attention"
+    raise ValueError(
+        f"regularizer {name!r} couples all queries through its column marginals, so in {where} (layer "
+        f"{layer_index(module)}) later tokens would change earlier ones (and generate() with a KV cache would "
+        f"disagree with a full forward); {advice}"
+    )
 
 
 def eot_attention_forward(
@@ -143,11 +184,14 @@ def eot_attention_forward(
 
     Shapes: query ``(batch, heads, Q, d)``, key/value ``(batch, kv_heads, K, d)``; returns the output
     ``(batch, Q, heads, d_v)`` and the weights ``(batch, heads, Q, K)`` that were used (None on the
-    fused SDPA path, which only runs when weights are not requested).
+    fused SDPA path, which only runs when weights are not requested).  The regularizer's diagnostics
+    (e.g. Sinkhorn's ``marginal_error`` per batch and head, ``n_iters``) are kept on the module as
+    ``module.eot_diagnostics`` and as ``module.eot_<name>`` attributes.
 
-    ``eot_template_partners`` (LongTensor ``(batch,)``, -1 for none) is read by ``ot`` layers only: it
-    appends the templates of example ``partners[b]`` to those of example ``b`` (the OT-ViT training
-    trick of paper 003, Section 9); the other layers of the same model ignore it.
+    ``eot_template_partners`` (LongTensor ``(batch,)``, -1 for none) is read by layers whose map needs
+    templates (``ot``) only: it appends the templates of example ``partners[b]`` to those of example
+    ``b`` (the OT-ViT training trick of "Deciphering Attention Mechanisms: Optimization and Fenchel Dual
+    Solutions", Section 9); the other layers of the same model ignore it.
     """
     spec = module_spec(module)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -167,14 +211,8 @@ def eot_attention_forward(
         )
 
     regularizer = get_regularizer(spec.regularizer)
-    part = module_part(module)
-    if regularizer.couples_queries and part != "encoder":
-        raise ValueError(
-            f"regularizer {spec.regularizer!r} couples all queries through its column marginals, so in the "
-            f"{part} attention of layer {getattr(module, 'layer_idx', '?')} later tokens would change earlier ones "
-            "(and generate() with a KV cache would disagree with a full forward); use it for encoder "
-            "self-attention only: hf_eot.configure(model, 'sinkhorn', part='encoder')"
-        )
+    if torch.is_grad_enabled():
+        warn_if_frozen(module)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -182,45 +220,37 @@ def eot_attention_forward(
     n_queries, n_keys = query.shape[-2], key.shape[-2]
     mask, mask_bias = _boolean_mask_and_bias(attention_mask, n_queries, n_keys)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if regularizer.couples_queries:
+        part = module_part(module)
+        # causal per call too (CLIP's text attention passes is_causal=True to a non-causal module); the
+        # mask test synchronises with the host, so it is skipped while compiling
+        call_causal = (bool(causal) and n_queries > 1) or (
+            mask is not None and not torch.compiler.is_compiling() and _mask_is_causal(mask)
+        )
+        if part != "encoder" or call_causal:
+            _refuse_coupled_queries(spec.regularizer, module, part, call_causal)
     if mask is None and causal and n_queries > 1:
         mask = _causal_mask(n_queries, n_keys, query.device)
     log_prior = _log_prior(module, spec, position_bias, mask_bias, n_queries, n_keys, query.device)
 
-    params: dict[str, Any] = dict(spec.params)
-    params.pop("prior", None)
-    if spec.regularizer == "entmax" and params.pop("learn_alpha"):
-        params["alpha"] = module.eot_parameters.alpha()
-    if regularizer.uses_templates:
+    params = regularizer.call_params(spec.params)
+    params.update(learned_values(module, spec))
+    if regularizer.needs_templates:
         if eot_template_partners is not None:
             key, value, mask = _append_partner_templates(key, value, mask, eot_template_partners, n_queries)
             if log_prior is not None:
                 log_prior = torch.cat([log_prior, log_prior], dim=-1)  # a partner's keys: same positions
-        if params.get("gamma") is None:
-            params["gamma"] = math.sqrt(hidden_size(module.config))
         params["template_gram"] = key @ key.transpose(-1, -2)  # (B, H, K, K): <t_i, t_j>
-    if regularizer.couples_queries and mask is not None and mask.shape[-2] == mask.shape[-1]:
-        # padded tokens are not queries: their rows must not take column mass
-        real_tokens = mask.diagonal(dim1=-2, dim2=-1)  # (B, 1|H, Q)
-        mask = mask & real_tokens.unsqueeze(-1)
+        params["hidden_size"] = hidden_size(module.config)
+    if regularizer.couples_queries and mask is not None and n_queries == n_keys:
+        mask = _mask_padded_queries(mask)  # padded tokens are not queries: no column mass for them
 
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, Q, K)
-    weights = attention_weights(scores, spec.regularizer, mask, log_prior=log_prior, **params)
-    if spec.regularizer == "sinkhorn":
-        _record_sinkhorn_error(module, weights, mask)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = regularizer.weights(scores, mask, log_prior, **params)
+    if out.diagnostics:
+        module.__dict__["eot_diagnostics"] = out.diagnostics
+        for name, diagnostic in out.diagnostics.items():
+            module.__dict__[f"eot_{name}"] = diagnostic
+    weights = nn.functional.dropout(out.weights, p=dropout, training=module.training)
     output = weights.to(value.dtype) @ value  # (B, H, Q, d_v)
     return output.transpose(1, 2).contiguous(), weights
-
-
-def _record_sinkhorn_error(module: nn.Module, weights: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Keep the plan's column-marginal error on the module (``module.eot_marginal_error``, per batch and
-    head) so that users can inspect it; no host synchronisation."""
-    with torch.no_grad():
-        w = weights.float()
-        valid_keys = w.new_ones(w.shape[-1]) if mask is None else mask.any(dim=-2).float()  # (B,1|H,K)
-        valid_queries = w.new_ones(w.shape[-2]) if mask is None else mask.any(dim=-1).float()
-        n_q = valid_queries.sum(-1, keepdim=True)
-        n_k = valid_keys.sum(-1, keepdim=True).clamp(min=1)
-        target = valid_keys * (n_q / n_k)
-        module.eot_marginal_error = ((w.sum(-2) - target).abs() * valid_keys).amax(-1)
-

@@ -5,7 +5,7 @@ Nothing here imports Transformers.  Conventions (see :mod:`hf_eot.ops._masking`)
 fully masked rows give exactly 0 weights, half dtypes are computed in float32.
 """
 
-from .entmax import entmax15_weights, entmax_bisect_weights, entmax_weights
+from .entmax import entmax15_weights, entmax_bisect_weights, entmax_newton_weights, entmax_weights
 from .ot import ot_weights
 from .priors import alibi_bias, alibi_slopes, relative_position_buckets
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn_weights
@@ -19,6 +19,7 @@ __all__ = [
     "alibi_slopes",
     "entmax15_weights",
     "entmax_bisect_weights",
+    "entmax_newton_weights",
     "entmax_weights",
     "ot_weights",
     "relative_position_buckets",

@@ -233,10 +233,14 @@ def over_relaxed_solve(
         if worst_v <= tol or done >= max_iters:
             return g, done, ops
         if prev_err is not None:
-            mu = (err / prev_err).pow(1.0 / steps)
-            eta = ((mu + omega - 1).square() / (mu * omega.square())).clamp(0.0, 1.0 - 1e-6)
+            # a problem already solved to round-off (err = 0, e.g. exactly in float32) gives mu = 0 and
+            # 0 / 0 in Young's relation: only problems with a measured contraction 0 < mu < 1 are tuned
+            mu = (err / prev_err.clamp(min=torch.finfo(err.dtype).tiny)).pow(1.0 / steps)
+            measured = (mu > 0) & (mu < 1)
+            mu_safe = torch.where(measured, mu, 0.5)
+            eta = ((mu_safe + omega - 1).square() / (mu_safe * omega.square())).clamp(0.0, 1.0 - 1e-6)
             tuned = (2.0 / (1.0 + torch.sqrt(1.0 - eta))).clamp(1.0, _OMEGA_MAX)
-            omega = torch.where(mu < 1, tuned, 1.0 + (omega - 1.0) / 2)
+            omega = torch.where(measured, tuned, torch.where(mu == 0, omega, 1.0 + (omega - 1.0) / 2))
         prev_err, g_ok = err, g
         steps = min(check_every, max_iters - done)
         for k in range(steps):

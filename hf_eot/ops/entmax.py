@@ -7,16 +7,20 @@ fixed by ``sum_j p_j = 1``.
 
 * :func:`entmax15_weights`: alpha = 1.5, exact threshold from a (partial) sort (Peters et al. 2019,
   Algorithm 2), sharing the top-k driver of :mod:`hf_eot.ops.sparsemax`.
-* :func:`entmax_bisect_weights`: any alpha > 1 (float or per-row tensor) by bisection on ``tau``;
-  differentiable w.r.t. the logits and alpha (Correia, Niculae & Martins 2019, "Adaptively Sparse
-  Transformers", Proposition 1 / Appendix B).
-* :func:`entmax_weights`: dispatch on a float alpha (1 -> softmax, 1.5 -> exact, 2 -> sparsemax).
+* :func:`entmax_newton_weights`: any alpha > 1 (float or per-row tensor, e.g. learned per head)
+  by a safeguarded Newton iteration on ``tau`` (a few passes, exact to round-off); differentiable
+  w.r.t. the logits and alpha (Correia, Niculae & Martins 2019, "Adaptively Sparse Transformers",
+  Proposition 1 / Appendix B).
+* :func:`entmax_weights`: dispatch on a float alpha (1 -> softmax, 1.5 -> exact, 2 -> sparsemax,
+  else Newton; a tensor alpha -> Newton).
 
 Backward (all alpha): with ``g_j = p_j^{2 - alpha}`` on the support (0 elsewhere), the Jacobian is
 ``diag(g) - g g^T / sum(g)``, so ``ds = g * dp - g <g, dp> / sum(g)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -25,7 +29,7 @@ from ._masking import check_logits, check_mask, compute_dtype, sum_to_shape
 from .softmax import softmax_weights
 from .sparsemax import _partial_sort_threshold, _shifted_rows, sparsemax_weights
 
-__all__ = ["entmax15_weights", "entmax_bisect_weights", "entmax_weights"]
+__all__ = ["entmax15_weights", "entmax_bisect_weights", "entmax_newton_weights", "entmax_weights"]
 
 
 # ----------------------------------------------------------------------------- 1.5-entmax (exact)
@@ -102,77 +106,137 @@ def entmax15_weights(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     return Entmax15Function.apply(logits, mask)
 
 
-# ------------------------------------------------------------------------ alpha-entmax (bisection)
+# ---------------------------------------------------------------------- alpha-entmax (Newton)
+
+DEFAULT_MAX_ITERS = 50
 
 
-def _entmax_bisect_forward(logits: Tensor, am1: Tensor, mask: Tensor | None, n_iter: int) -> Tensor:
-    """Core: bisection on ``tau`` for ``sum_j [X_j - tau]_+^{1/(alpha-1)} = 1``.
+def _shifted_scaled_rows(logits: Tensor, am1: Tensor | float, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``X = max((alpha - 1) (logits - rowmax), -1)`` in the compute dtype, and the row indicator.
 
-    ``X = (alpha - 1) (s - max s)`` so the maximum is 0 and ``tau`` lies in
-    ``[-1, -(1/d)^{alpha - 1}]`` (``d`` = number of allowed keys): at ``tau = -1`` the max entry alone
-    has mass 1, at the upper end every entry has mass ``<= 1/d``.  Entries ``<= -1`` never enter the
-    support, so masked keys are set to -1.  ``am1`` = alpha - 1, ``(..., Q, 1)`` in the compute dtype.
-    Returns normalised weights in the compute dtype (fully masked rows are 0).
+    The maximum of each row is 0 and ``tau`` lies in ``[-1, -(1/d)^{alpha - 1}]`` (``d`` = allowed
+    keys): at ``tau = -1`` the top entry alone has mass 1, at the upper end every entry has mass
+    ``<= 1/d``.  Entries ``<= -1`` never enter the support, hence the clamp; masked keys get -1.
+    A fully masked row becomes all 0 (a finite dummy, zeroed at the end).  ``row_valid`` is the
+    ``(..., Q, 1)`` bool of rows with an allowed key (None without mask).
     """
-    cdtype = am1.dtype
-    x = logits.to(cdtype)
+    x = logits.to(compute_dtype(logits.dtype))
     if mask is None:
-        m = x.amax(dim=-1, keepdim=True)
-        X = x - m
-        d = torch.full_like(m, float(x.shape[-1]))
+        X = x - x.amax(dim=-1, keepdim=True)
         row_valid = None
     else:
         X = torch.where(mask, x, float("-inf"))
         m = X.amax(dim=-1, keepdim=True)
-        finite = torch.isfinite(m)
-        X.sub_(torch.where(finite, m, torch.zeros_like(m)))
-        d = mask.sum(dim=-1, keepdim=True).clamp_(min=1).to(cdtype)
-        row_valid = finite
-    X.mul_(am1).clamp_(min=-1.0)
-    inv = 1.0 / am1  # exponent 1 / (alpha - 1)
-    tau_lo = torch.full_like(X[..., :1], -1.0)  # (..., Q, 1)
-    dm = 1.0 - torch.pow(d, -am1)  # tau_hi - tau_lo = 1 - (1/d)^{alpha-1} >= 0
-    p = torch.empty_like(X)
-    for _ in range(n_iter):
-        dm = dm / 2
-        tau_m = tau_lo + dm
-        torch.sub(X, tau_m, out=p).clamp_(min=0.0).pow_(inv)
-        f = p.sum(dim=-1, keepdim=True) - 1.0
-        tau_lo = torch.where(f >= 0, tau_m, tau_lo)
+        row_valid = torch.isfinite(m)
+        X.sub_(torch.where(row_valid, m, torch.zeros_like(m)))
+        X = torch.where(row_valid, X, 0.0)
+    return X.mul_(am1).clamp_(min=-1.0), row_valid
+
+
+def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, max_iters: int) -> Tensor:
+    """Core: ``tau`` with ``sum_j [X_j - tau]_+^r = 1``, ``r = 1 / (alpha - 1)``; returns ``p``.
+
+    Newton's method on ``phi(tau) = ||[X - tau]_+||_r - 1`` rather than on the sum itself: for a
+    support of equal entries ``phi`` is linear (one step), and for ``alpha <= 2`` (``r >= 1``) it is
+    convex and decreasing, so the iterates started at ``tau = -1`` (where ``phi >= 0``) increase
+    monotonically to the root with quadratic convergence.  With ``S = sum t^r``, ``T = sum t^(r-1)``
+    (``t = [X - tau]_+``) the step is ``(S - S^(1 - 1/r)) / T``.  Safeguard (needed for
+    ``alpha > 2``, where ``phi`` is not convex): a bracket ``[lo, hi]`` updated from the sign of
+    ``phi``, starting from ``[-1, -(1/d)^(alpha-1)]``; a step leaving it is replaced by the
+    bisection of the bracket, and so is, for ``alpha > 2``, a step shorter than a quarter of the
+    bracket (near a key entering the support ``T`` is huge and Newton stalls) or longer than half
+    the previous step (cycles); there ``p`` is not Lipschitz in ``tau``, so those rows iterate until
+    the step is a few ulps (about as many steps as bisection).  The other rows stop once their step
+    is below ``eps^(2/3)`` (the error left is then ``O(eps^(4/3))`` by the quadratic convergence);
+    all stop after ``max_iters`` steps; ``p`` is renormalised.
+
+    X: ``(..., Q, K)`` from :func:`_shifted_scaled_rows`; am1 = alpha - 1 (float or ``(..., Q, 1)``);
+    d: number of allowed keys (float or ``(..., Q, 1)``).
+    """
+    r = 1.0 / am1
+    rm1 = r - 1.0  # = (2 - alpha) / (alpha - 1), the exponent of p^{2 - alpha} in t
+    lo = torch.full_like(X[..., :1], -1.0)  # (..., Q, 1)
+    hi = -torch.pow(torch.as_tensor(d, dtype=X.dtype, device=X.device), -am1).expand_as(lo)
+    hi = torch.maximum(hi, lo)
+    tau = lo
+    if isinstance(am1, float):
+        nonconvex = None if am1 <= 1.0 else torch.ones_like(lo, dtype=torch.bool)
+    else:
+        nonconvex = am1 > 1.0
+    eps = torch.finfo(X.dtype).eps
+    check = not torch.compiler.is_compiling()
+    step = hi - lo  # the last step taken (the bracket before the first)
+    t = torch.empty_like(X)
+    q = torch.empty_like(X)
+    for it in range(max_iters):
+        torch.sub(X, tau, out=t)
+        if it > 0:  # X >= -1 = tau at the start
+            t.clamp_(min=0.0)
+        torch.pow(t, rm1, out=q)
+        if not isinstance(rm1, float) or rm1 <= 0:  # 0^0 = 1, 0^(negative) = inf outside the support
+            q.masked_fill_(t == 0, 0.0)
+        T = q.sum(dim=-1, keepdim=True)
+        S = torch.matmul(t.unsqueeze(-2), q.unsqueeze(-1)).squeeze(-1)  # sum t^r, (..., Q, 1)
+        above = S >= 1.0  # phi(tau) >= 0: tau is left of the root
+        lo = torch.where(above, tau, lo)
+        hi = torch.where(above, hi, tau)
+        new = tau + (S - torch.pow(S, 1.0 - 1.0 / r)) / T
+        inside = (new >= lo) & (new <= hi) & torch.isfinite(new)
+        if nonconvex is not None:  # alpha > 2: steps that stall (kinks) or cycle are no progress
+            size = (new - tau).abs()
+            inside &= ~nonconvex | ((size * 4 >= hi - lo) & (size * 2 <= step))
+        new = torch.where(inside, new, (lo + hi) / 2)
+        step = (new - tau).abs()
+        tau = new
+        done = step <= eps ** (2.0 / 3.0)
+        if nonconvex is not None:
+            done = torch.where(nonconvex, step <= 4 * eps, done)
+        if check and bool(done.all()):
+            break
+    p = torch.sub(X, tau, out=t).clamp_(min=0.0)
+    p.pow_(r)
     total = p.sum(dim=-1, keepdim=True)
-    p.div_(torch.where(total > 0, total, torch.ones_like(total)))
-    if row_valid is not None:
-        p.mul_(row_valid)
-    return p
+    return p.div_(torch.where(total > 0, total, torch.ones_like(total)))
 
 
-class EntmaxBisectFunction(torch.autograd.Function):
-    """alpha-entmax by bisection; gradients w.r.t. logits and alpha (Correia et al. 2019)."""
+class EntmaxNewtonFunction(torch.autograd.Function):
+    """alpha-entmax by Newton on the threshold; gradients w.r.t. logits and alpha (Correia et al. 2019)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, logits: Tensor, alpha: Tensor, mask: Tensor | None, n_iter: int
+        ctx, logits: Tensor, alpha: Tensor | float, mask: Tensor | None, max_iters: int
     ) -> Tensor:
         cdtype = compute_dtype(logits.dtype)
-        am1 = (alpha.to(cdtype) - 1.0).expand(*logits.shape[:-1], 1)
-        p = _entmax_bisect_forward(logits, am1, mask, n_iter)
+        if isinstance(alpha, Tensor):
+            am1: Tensor | float = (alpha.detach().to(cdtype) - 1.0).expand(*logits.shape[:-1], 1)
+        else:
+            am1 = float(alpha) - 1.0
+        X, row_valid = _shifted_scaled_rows(logits, am1, mask)
+        d = float(X.shape[-1]) if mask is None else mask.sum(dim=-1, keepdim=True).clamp_(min=1).to(cdtype)
+        p = _entmax_newton_forward(X, am1, d, max_iters)
+        if row_valid is not None:
+            p.mul_(row_valid)
         out = p.to(logits.dtype)
-        ctx.alpha_shape = alpha.shape
-        ctx.alpha_dtype = alpha.dtype
-        ctx.save_for_backward(p if ctx.needs_input_grad[1] else out, am1)
+        ctx.am1 = am1
+        ctx.alpha_meta = (alpha.shape, alpha.dtype) if isinstance(alpha, Tensor) else None
+        ctx.save_for_backward(p if ctx.needs_input_grad[1] else out)
         return out
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx, grad_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None]:
-        Y, am1 = ctx.saved_tensors
-        cdtype = am1.dtype
+        (Y,) = ctx.saved_tensors
+        am1 = ctx.am1
+        cdtype = compute_dtype(Y.dtype)
         Y = Y.to(cdtype)
         dY = grad_out.to(cdtype)
         pos = Y > 0
         # g = p^{2 - alpha} on the support; (2 - alpha) may be negative, hence the where on the base
-        gppr = torch.where(pos, torch.where(pos, Y, 1.0).pow(1.0 - am1), 0.0)
+        if isinstance(am1, float) and am1 < 1.0:  # 2 - alpha > 0: 0^(2-alpha) = 0
+            gppr = Y.pow(1.0 - am1)
+        else:
+            gppr = torch.where(pos, torch.where(pos, Y, 1.0).pow(1.0 - am1), 0.0)
         den = gppr.sum(dim=-1, keepdim=True)
         den = torch.where(den > 0, den, torch.ones_like(den))
         d_logits = d_alpha = None
@@ -189,12 +253,13 @@ class EntmaxBisectFunction(torch.autograd.Function):
             g_sk = gppr / den
             dpda = (Y - g_sk) / (am1 * am1) - (S - g_sk * ent) / am1
             d_alpha = (dY * dpda).sum(dim=-1, keepdim=True)
-            d_alpha = sum_to_shape(d_alpha, ctx.alpha_shape).to(ctx.alpha_dtype)
+            alpha_shape, alpha_dtype = ctx.alpha_meta
+            d_alpha = sum_to_shape(d_alpha, alpha_shape).to(alpha_dtype)
         return d_logits, d_alpha, None, None
 
 
-def _as_alpha_tensor(alpha: float | Tensor, logits: Tensor) -> Tensor:
-    """Validate alpha and return it as a tensor broadcastable to ``logits[..., :1]``."""
+def _check_alpha(alpha: float | Tensor, logits: Tensor) -> float | Tensor:
+    """Validate alpha: a float > 1, or a floating tensor broadcastable to ``logits[..., :1]``."""
     row_shape = (*logits.shape[:-1], 1)
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
@@ -215,29 +280,34 @@ def _as_alpha_tensor(alpha: float | Tensor, logits: Tensor) -> Tensor:
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float > 1 or a tensor, got {type(alpha).__name__}")
-    if not alpha > 1.0:
-        raise ValueError(f"entmax_bisect_weights needs alpha > 1, got {alpha} (alpha = 1 is softmax_weights)")
-    return torch.tensor(float(alpha), dtype=compute_dtype(logits.dtype), device=logits.device)
+    if not (alpha > 1.0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha-entmax needs a finite alpha > 1, got {alpha} (alpha = 1 is softmax_weights)")
+    return float(alpha)
 
 
-def entmax_bisect_weights(
-    logits: Tensor, alpha: float | Tensor, mask: Tensor | None = None, n_iter: int = 50
+def _check_max_iters(max_iters: int) -> None:
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
+
+
+def entmax_newton_weights(
+    logits: Tensor, alpha: float | Tensor, mask: Tensor | None = None, *, max_iters: int = DEFAULT_MAX_ITERS
 ) -> Tensor:
-    """Solves ``max_p <logits, p> + H^T_alpha(p)`` over the simplex of allowed keys, by bisection.
+    """Solves ``max_p <logits, p> + H^T_alpha(p)`` over the simplex of allowed keys, for any alpha > 1.
 
-    ``p_j = [(alpha - 1) logits_j - tau]_+^{1/(alpha-1)}`` (Peters et al. 2019, eq. (10)); ``tau`` is
-    found by ``n_iter`` halvings of ``[max - 1, max - (1/d)^{alpha-1}]`` (``d`` = allowed keys) and
-    ``p`` is renormalised at the end.  Differentiable w.r.t. ``logits`` and ``alpha`` (Correia et al.
-    2019, Appendix B); the alpha gradient has ``1/(alpha-1)^2`` factors, so keep alpha away from 1
-    (e.g. ``alpha = 1 + softplus(.)`` clamped, or ``1 + sigmoid(.)`` as in that paper).
+    ``p_j = [(alpha - 1) logits_j - tau]_+^{1/(alpha-1)}`` (Peters et al. 2019, eq. (10)), ``tau``
+    by a safeguarded Newton iteration (:func:`_entmax_newton_forward`; typically 3-6 passes over the
+    scores, stopping when converged), ``p`` renormalised.  Differentiable w.r.t. ``logits`` and
+    ``alpha`` (Correia et al. 2019, Appendix B); the alpha gradient has ``1/(alpha-1)^2`` factors, so
+    keep a learned alpha away from 1 (e.g. ``alpha = 1 + sigmoid(w)`` as in that paper).
 
     Args:
-        logits: ``(..., n_queries, n_keys)`` float tensor (any float dtype).
+        logits: ``(..., n_queries, n_keys)`` float tensor (any float dtype; half computed in float32).
         alpha: float > 1, or a float tensor broadcastable to ``logits[..., :1]`` (e.g.
             ``(n_heads, 1, 1)`` for one alpha per head); a tensor's values must be > 1 (not checked,
             to avoid a host synchronisation).
         mask: optional bool tensor broadcastable to ``logits``; True = may attend.
-        n_iter: number of bisection steps (50 reaches float64 precision).
+        max_iters: at most this many Newton steps (under ``torch.compile``: exactly this many).
 
     Returns:
         Weights of the shape and dtype of ``logits``; rows with an allowed key sum to 1, masked
@@ -246,21 +316,33 @@ def entmax_bisect_weights(
     """
     check_logits(logits)
     mask = check_mask(mask, logits.shape)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
-    alpha_t = _as_alpha_tensor(alpha, logits)
-    return EntmaxBisectFunction.apply(logits, alpha_t, mask, n_iter)
+    _check_max_iters(max_iters)
+    alpha_c = _check_alpha(alpha, logits)
+    return EntmaxNewtonFunction.apply(logits, alpha_c, mask, max_iters)
+
+
+def entmax_bisect_weights(
+    logits: Tensor, alpha: float | Tensor, mask: Tensor | None = None, n_iter: int = DEFAULT_MAX_ITERS
+) -> Tensor:
+    """Former name of :func:`entmax_newton_weights` (``n_iter`` is its ``max_iters``)."""
+    return entmax_newton_weights(logits, alpha, mask, max_iters=n_iter)
 
 
 def entmax_weights(
-    logits: Tensor, alpha: float | Tensor = 1.5, mask: Tensor | None = None, n_iter: int = 50
+    logits: Tensor,
+    alpha: float | Tensor = 1.5,
+    mask: Tensor | None = None,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
 ) -> Tensor:
     """Solves ``max_p <logits, p> + H^T_alpha(p)`` over the simplex of allowed keys (alpha-entmax).
 
     Dispatches on a float ``alpha``: 1 -> :func:`softmax_weights` (the alpha -> 1 limit),
-    1.5 -> exact :func:`entmax15_weights`, 2 -> :func:`sparsemax_weights`, any other value > 1 or a
-    tensor -> :func:`entmax_bisect_weights` with ``n_iter`` steps.  Arguments as there.
+    1.5 -> exact :func:`entmax15_weights`, 2 -> :func:`sparsemax_weights`; any other float > 1 or a
+    tensor (e.g. a learned alpha per head) -> :func:`entmax_newton_weights` with at most
+    ``max_iters`` Newton steps.  Arguments as there.
     """
+    _check_max_iters(max_iters)
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         if alpha == 1.0:
             return softmax_weights(logits, mask)
@@ -268,4 +350,4 @@ def entmax_weights(
             return entmax15_weights(logits, mask)
         if alpha == 2.0:
             return sparsemax_weights(logits, mask)
-    return entmax_bisect_weights(logits, alpha, mask, n_iter)
+    return entmax_newton_weights(logits, alpha, mask, max_iters=max_iters)

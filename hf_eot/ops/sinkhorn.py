@@ -100,7 +100,6 @@ GRAD_MODES = ("implicit", "unroll")
 _CG_MAX_ITERS = 1000
 _CG_ITERS_COMPILED = 64
 
-
 class SinkhornConvergenceWarning(UserWarning):
     """Sinkhorn stopped at ``max_iters`` with a column-marginal error above ``tol``."""
 

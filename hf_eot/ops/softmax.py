@@ -2,8 +2,8 @@
 
 Solves ``max_p <s, p> + H(p)`` over the probability simplex restricted to the allowed keys, with
 ``H(p) = -sum_j p_j log p_j`` the Shannon entropy (Omega = -H).  The solution is
-``p_j = exp(s_j) / sum_k exp(s_k)``: the attention row of paper 000 ("Scaled-Dot-Product Attention as
-One-Sided Entropic Optimal Transport"; cost C_j = -<q, k_j>, temperature eps = tau, here folded into
+``p_j = exp(s_j) / sum_k exp(s_k)``: the attention row of "Scaled-Dot-Product Attention as
+One-Sided Entropic Optimal Transport" (Litman, arXiv:2508.08369; cost C_j = -<q, k_j>, temperature eps = tau, here folded into
 the logits by the caller: ``logits = scores / eps + log_prior``).  Its Jacobian is
 ``diag(p) - p p^T``, so the backward pass is ``ds_j = p_j (g_j - E_p[g])``.
 

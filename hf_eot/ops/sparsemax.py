@@ -1,8 +1,8 @@
 """Sparsemax: Euclidean projection of the logits onto the probability simplex.
 
 Solves ``max_p <s, p> - 1/2 ||p||^2`` over the simplex of allowed keys, i.e.
-``argmin_p ||p - s||^2`` (Martins & Astudillo 2016, eq. (2); Omega = 1/2 ||p||^2 in the variant
-table of paper 001).  The solution is ``p_j = max(s_j - tau, 0)`` with the threshold ``tau`` fixed by
+``argmin_p ||p - s||^2`` (Martins & Astudillo 2016, "From Softmax to Sparsemax", eq. (2); Omega = 1/2 ||p||^2 in the
+table of regularised attention maps).  The solution is ``p_j = max(s_j - tau, 0)`` with the threshold ``tau`` fixed by
 ``sum_j p_j = 1``; on the support S the Jacobian is ``I - 1 1^T / |S|`` (eq. (12) there), so the
 backward pass is ``ds_j = [j in S] (g_j - mean_S(g))``.
 
@@ -149,11 +149,11 @@ class SparsemaxFunction(torch.autograd.Function):
             return None, None
         (out,) = ctx.saved_tensors
         cdtype = compute_dtype(out.dtype)
-        supp = torch.sign(out.to(cdtype))  # 1 on the support, 0 elsewhere (out >= 0)
-        g = grad_out.to(cdtype) * supp
-        cnt = supp.sum(dim=-1, keepdim=True).clamp_(min=1.0)
+        supp = out > 0  # bool: one byte per entry, the only temporary besides g
+        g = torch.where(supp, grad_out.to(cdtype), 0.0)
+        cnt = supp.sum(dim=-1, keepdim=True, dtype=cdtype).clamp_(min=1.0)
         v_hat = g.sum(dim=-1, keepdim=True) / cnt  # mean of g over the support
-        g.addcmul_(supp, v_hat, value=-1.0)
+        g.sub_(v_hat).mul_(supp)
         return g.to(grad_out.dtype), None
 
 

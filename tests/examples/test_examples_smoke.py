@@ -1,4 +1,4 @@
-"""Each example's main() end to end with tiny settings: results JSON, model cards, checkpoints."""
+"""Each example's main() end to end with ``--quick``: results JSON, model cards, checkpoints."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def test_text_classification_smoke(tmp_path):
     import text_classification
 
     out = text_classification.main([
-        "--regularizers", "softmax", "sparsemax", "--seeds", "0", "--train-size", "10", "--eval-size", "10",
-        "--max-length", "24", "--epochs", "1", "--batch-size", "10",
+        "--quick", "--regularizers", "softmax", "sparsemax",
         "--output-dir", str(tmp_path / "run"), "--model-cards-dir", str(tmp_path / "cards"),
     ])  # fmt: skip
     assert [r["regularizer"] for r in out["runs"]] == ["softmax", "sparsemax"]
+    assert out["train_examples"] == text_classification.QUICK["train_size"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(saved["summary"]) == {"softmax", "sparsemax"}
@@ -50,11 +50,13 @@ def test_ot_vit_smoke(tmp_path, monkeypatch):
     except FileNotFoundError:
         pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
     out = ot_vit.main([
-        "--seeds", "0", "--train-size", "40", "--test-size", "20", "--hidden", "16", "--layers", "2",
-        "--heads", "2", "--epochs", "1", "--batch-size", "20", "--output-dir", str(tmp_path / "run"),
+        "--quick", "--train-size", "40", "--test-size", "20", "--batch-size", "20",
+        "--output-dir", str(tmp_path / "run"),
         "--save-dir", str(tmp_path / "ckpt"), "--model-cards-dir", str(tmp_path / "cards"),
     ])  # fmt: skip
     assert set(out["summary"]) == {"vit", "ot-vit"}
+    assert (out["train_images"], out["test_images"]) == (40, 20)  # options given win over --quick
+    assert out["args"]["patch"] == 4 and out["runs"][0]["steps"] == 2
     assert out["summary"]["vit"]["parameters"] == out["summary"]["ot-vit"]["parameters"]
     _card(tmp_path / "cards" / "vit-vs-ot-vit-fashion-mnist.md")
     from transformers import ViTForImageClassification
@@ -74,18 +76,21 @@ def test_t5_titles_smoke(tmp_path):
     import t5_titles
 
     out = t5_titles.main([
-        "--seeds", "0", "--train-size", "16", "--eval-size", "5", "--source-bytes", "48", "--target-bytes", "8",
-        "--d-model", "32", "--d-ff", "64", "--heads", "2", "--layers", "1", "--epochs", "1", "--batch-size", "8",
-        "--output-dir", str(tmp_path / "run"), "--save-dir", str(tmp_path / "ckpt"),
+        "--quick", "--output-dir", str(tmp_path / "run"), "--save-dir", str(tmp_path / "ckpt"),
     ])  # fmt: skip
-    assert set(out["summary"]["chrf"]) == {"softmax", "sinkhorn:n_iters=20@encoder"}
+    assert set(out["summary"]["accuracy"]) == set(t5_titles.DEFAULT_VARIANTS)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
     for demo in out["generate_examples"].values():
         assert demo["same_with_and_without_cache"] is True
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "t5-bbc-category", "t5-bbc-category-alibi", "t5-bbc-category-relative-buckets",
+        "t5-bbc-category-sinkhorn",
+    ]  # fmt: skip
     from transformers import ByT5Tokenizer, T5ForConditionalGeneration
 
     import hf_eot  # noqa: F401
 
-    folder = tmp_path / "ckpt" / "t5-bbc-titles-sinkhorn"
+    folder = tmp_path / "ckpt" / "t5-bbc-category-sinkhorn"
     model = T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eot")
     assert model.config.eot_attention["overrides"][-1]["regularizer"] == "sinkhorn"
     tok = ByT5Tokenizer.from_pretrained(folder)

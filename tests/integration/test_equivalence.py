@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import hf_eot
 from hf_eot.integration.attention import eot_attention_forward, eot_mask
 
-from .models import build, padded_tokens
+import _tiny as tiny
 
 ATOL = 1e-5
 
@@ -25,9 +25,9 @@ def test_registration_is_idempotent_and_complete() -> None:
 
 
 def _outputs(kind: str, impl: str, output_attentions: bool = False):
-    reference = build(kind, "sdpa")
-    model = build(kind, impl, reference.state_dict())
-    ids, mask = padded_tokens()
+    reference = tiny.model(kind, "sdpa")
+    model = tiny.model(kind, impl, state_dict=reference.state_dict())
+    ids, mask = tiny.padded_tokens()
     with torch.no_grad():
         if kind == "bert":
             out = model(input_ids=ids, attention_mask=mask, output_attentions=output_attentions)
@@ -67,7 +67,7 @@ def test_output_attentions_returns_the_weights_used(kind: str) -> None:
             torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
             torch.testing.assert_close(ours.sum(-1), torch.ones_like(ours.sum(-1)), atol=1e-5, rtol=0)
     if kind == "bert":
-        _, mask = padded_tokens()
+        _, mask = tiny.padded_tokens()
         for weights in out.attentions:
             assert torch.all(weights.masked_select(mask[:, None, None, :] == 0) == 0)
 
@@ -75,9 +75,9 @@ def test_output_attentions_returns_the_weights_used(kind: str) -> None:
 def test_t5_generate_with_cache_matches_sdpa() -> None:
     """Greedy generate with the KV cache gives the same tokens and scores under "eot" and "sdpa",
     for the fused path and for the explicit (output_attentions) path."""
-    reference = build("t5", "sdpa")
-    model = build("t5", "eot", reference.state_dict())
-    ids, mask = padded_tokens()
+    reference = tiny.model("t5", "sdpa")
+    model = tiny.model("t5", "eot", state_dict=reference.state_dict())
+    ids, mask = tiny.padded_tokens()
     kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         expected = reference.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -91,8 +91,8 @@ def test_t5_generate_with_cache_matches_sdpa() -> None:
 
 def test_set_attn_implementation_on_a_loaded_model() -> None:
     """A model loaded with "sdpa" switches to "eot" with set_attn_implementation and keeps its outputs."""
-    model = build("bert", "sdpa")
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "sdpa")
+    ids, mask = tiny.padded_tokens()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         model.set_attn_implementation("eot")
@@ -103,10 +103,10 @@ def test_set_attn_implementation_on_a_loaded_model() -> None:
 
 def test_fully_masked_sequence_gives_no_nan() -> None:
     """A sequence whose attention mask is all zeros yields finite outputs for every regularizer."""
-    ids, mask = padded_tokens()
+    ids, mask = tiny.padded_tokens()
     mask[0] = 0
     for name in hf_eot.available_regularizers():
-        model = build("bert", "eot", configure=lambda c, n=name: hf_eot.configure(c, n))
+        model = tiny.model("bert", "eot", configure=lambda c, n=name: hf_eot.configure(c, n))
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
         assert torch.isfinite(out.last_hidden_state).all(), name
@@ -132,13 +132,13 @@ def test_t5_generate_with_cache_equals_recomputation(regularizer: str, params: d
         for part in parts:
             hf_eot.configure(config, regularizer, part=part, **params)
 
-    model = build("t5", "eot", configure=configure)
+    model = tiny.model("t5", "eot", configure=configure)
     if params.get("prior") == "relative_buckets":  # leave zero init, so the buckets matter
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "relative_bias" in name:
                     param.normal_()
-    ids, mask = padded_tokens()
+    ids, mask = tiny.padded_tokens()
     kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)

@@ -8,11 +8,11 @@ import torch
 
 import hf_eot
 
-from .models import build, padded_tokens
+import _tiny as tiny
 
 SETTINGS = {
     "softmax": {},
-    "softmax-eps": {"epsilon": 0.5},
+    "softmax-epsilon": {"epsilon": 0.5},
     "softmax-alibi": {"prior": "alibi"},
     "softmax-buckets": {"prior": "relative_buckets"},
     "sparsemax": {},
@@ -47,8 +47,8 @@ def _configure(kind: str, setting: str):
 @pytest.mark.parametrize("kind", ["bert", "t5"])
 def test_padded_batch_equals_each_sequence_alone(kind: str, setting: str) -> None:
     """Outputs on real tokens of a right-padded batch equal the unpadded per-sequence outputs."""
-    model = build(kind, "eot", configure=_configure(kind, setting))
-    ids, mask = padded_tokens()
+    model = tiny.model(kind, "eot", configure=_configure(kind, setting))
+    ids, mask = tiny.padded_tokens()
     with torch.no_grad():
         if kind == "bert":
             batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -69,8 +69,8 @@ def test_padded_batch_equals_each_sequence_alone(kind: str, setting: str) -> Non
 def test_left_padding_is_invariant_too() -> None:
     """Left padding (as in batched generation) also leaves the real tokens unchanged (Sinkhorn); the
     position ids of the real tokens are kept as when alone."""
-    model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=25))
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", n_iters=25))
+    ids, mask = tiny.padded_tokens()
     ids, mask = ids.flip(-1), mask.flip(-1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -83,8 +83,8 @@ def test_left_padding_is_invariant_too() -> None:
 def test_sinkhorn_padded_queries_take_no_column_mass() -> None:
     """In a padded batch, Sinkhorn weights of padded query rows are zero and the real rows form the plan of
     the real tokens alone (column sums one over real keys)."""
-    model = build("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", tol=1e-6, max_iters=2000))
-    ids, mask = padded_tokens()
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sinkhorn", tol=1e-6, max_iters=2000))
+    ids, mask = tiny.padded_tokens()
     with torch.no_grad():
         weights = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[0]
     b, n = 2, int(mask[2].sum())
@@ -97,7 +97,7 @@ def test_sinkhorn_padded_queries_take_no_column_mass() -> None:
 def test_vit_ot_template_partners_change_only_ot_layers() -> None:
     """``eot_template_partners`` appends a partner's templates in `ot` layers; without partners the ViT
     output is what the plain call gives, and -1 partners are a no-op."""
-    model = build("vit", "eot", configure=lambda c: hf_eot.configure(c, "ot", layers=[1]))
+    model = tiny.model("vit", "eot", configure=lambda c: hf_eot.configure(c, "ot", layers=[1]))
     pixels = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         plain = model(pixel_values=pixels).logits
@@ -105,3 +105,20 @@ def test_vit_ot_template_partners_change_only_ot_layers() -> None:
         paired = model(pixel_values=pixels, eot_template_partners=torch.tensor([1, 0, 3, 2])).logits
     torch.testing.assert_close(none, plain, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(paired, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("partners", "message"),
+    [
+        (torch.tensor([1.0, 0.0, 3.0, 2.0]), "integer example indices"),
+        (torch.tensor([1, 0, 4, 2]), r"indices in 0..3 \(or -1: none\), got \[1, 0, 4, 2\]"),
+        (torch.tensor([1, 0, -2, 2]), r"indices in 0..3"),
+        (torch.tensor([1, 0]), r"shape \(4,\)"),
+    ],
+)
+def test_bad_template_partners_are_refused(partners: torch.Tensor, message: str) -> None:
+    """Float, out-of-range or mis-shaped eot_template_partners raise a ValueError instead of indexing
+    another example (or wrapping around) silently."""
+    model = tiny.model("vit", "eot", configure=lambda c: hf_eot.configure(c, "ot", layers=[1]))
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=torch.randn(4, 1, 8, 8), eot_template_partners=partners)

@@ -1,4 +1,5 @@
-"""Tests for hf_eot.ops.ot_weights: OT-based attention, paper 003 eq. (22) / Appendix D eq. (44)."""
+"""Tests for hf_eot.ops.ot_weights: OT-based attention of "Deciphering Attention Mechanisms:
+Optimization and Fenchel Dual Solutions", eq. (22) / Appendix D eq. (44)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hf_eot.ops.ot as ot_module
 from hf_eot.ops import ot_weights, softmax_weights
 
 
@@ -48,6 +50,114 @@ def eq22_reference(
                     acc += u_i * math.exp((alpha * float(s[idx + (q, j)]) - M(j, i)) / gamma) / Z_i
                 out[idx + (q, j)] = acc
     return out
+
+
+def plain_reference(
+    scores: torch.Tensor,
+    gram: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    preference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The former implementation without chunking, through plain autograd: the (Q, K, K) tensor
+    x_qj + g_ji, a log-softmax over j for each source template i, the u-mixture over i."""
+    x = scores * alpha / gamma  # (..., Q, K)
+    n_k = x.shape[-1]
+    pref = torch.ones(n_k, dtype=x.dtype) if preference is None else preference
+    u = pref.unsqueeze(-2) if pref.dim() < x.dim() else pref
+    if mask is not None:
+        u = torch.where(mask, u, 0.0)
+        x = torch.where(mask, x, float("-inf"))
+        x = torch.where(mask.any(-1, keepdim=True), x, 0.0)
+    u = u / u.sum(-1, keepdim=True).clamp_min(1e-300)
+    a = x.unsqueeze(-1) + (gram / gamma).unsqueeze(-3)  # (..., Q, K_j, K_i)
+    P = torch.softmax(a, dim=-2)
+    return (P * u.unsqueeze(-2)).sum(-1)
+
+
+def attention_problem(seed: int, n: int, d: int, scale: float, dtype: torch.dtype = torch.float32):
+    """Scores and gram of random keys / queries as in attention: (2, 2, n, n), (2, 2, n, n)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, n, d, generator=gen, dtype=torch.float64) * scale
+    k = torch.randn(2, 2, n, d, generator=gen, dtype=torch.float64)
+    return (q @ k.mT / d**0.5).to(dtype), (k @ k.mT / d**0.5).to(dtype)
+
+
+def count_fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the exact (chunked) fallback."""
+    calls = [0]
+    exact = ot_module._exact_forward
+
+    def spy(*args):
+        calls[0] += 1
+        return exact(*args)
+
+    monkeypatch.setattr(ot_module, "_exact_forward", spy)
+    return calls
+
+
+def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    h = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.autograd.grad((out.double() * h).sum(), inputs)
+
+
+def test_gemm_path_matches_former_implementation_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention-sized float32 problem with key padding and a preference: the GEMM formulation
+    (no fallback taken) gives the values and the gradients w.r.t. scores, gram and preference of
+    the former implementation (float64) to 1e-5."""
+    calls = count_fallbacks(monkeypatch)
+    scores, gram = attention_problem(0, 48, 8, 1.0)
+    mask = torch.ones(2, 1, 1, 48, dtype=torch.bool)
+    mask[1, ..., 40:] = False
+    pref = torch.rand(2, 1, 48, generator=torch.Generator().manual_seed(1)) + 0.1
+    ins32 = tuple(t.clone().requires_grad_() for t in (scores, gram, pref))
+    ins64 = tuple(t.double().requires_grad_() for t in (scores, gram, pref))
+    out = ot_weights(ins32[0], ins32[1], mask, alpha=1.3, gamma=2.0, preference=ins32[2])
+    ref = plain_reference(ins64[0], ins64[1], mask, 1.3, 2.0, ins64[2])
+    assert calls[0] == 0
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads(out, ins32, 2), grads(ref, ins64, 2)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,calls_expected", [(torch.float32, True), (torch.float64, False)])
+def test_underflowing_rows_fall_back_to_the_exact_computation(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, calls_expected: bool
+) -> None:
+    """Half of the queries have score spreads of ~100 and the gram entries spread ~100 (their
+    GEMM products underflow in float32, not in float64): the float32 call recomputes those rows exactly, the float64 one stays on the
+    GEMMs, and both give the former implementation's values and gradients."""
+    calls = count_fallbacks(monkeypatch)
+    scores, gram = attention_problem(3, 24, 4, 1.0, dtype)
+    scores[:, :, ::2] *= 40.0
+    gram = gram * 30.0
+    ins = tuple(t.clone().requires_grad_() for t in (scores, gram))
+    ins64 = tuple(t.double().requires_grad_() for t in (scores, gram))
+    out = ot_weights(*ins, gamma=1.0)
+    ref = plain_reference(*ins64)
+    assert (calls[0] > 0) == calls_expected
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for got, want in zip(grads(out, ins, 4), grads(ref, ins64, 4)):
+        torch.testing.assert_close(got.double(), want, atol=10 * tol, rtol=10 * tol)
+
+
+def test_gradcheck_with_exact_fallback_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradcheck (float64) where one row takes the exact fallback (its top key has a gram entry
+    500 below each other column's maximum: a gap > 354) and the others the GEMMs: the merged
+    backward is the derivative of the merged forward."""
+    calls = count_fallbacks(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    scores[1, 0] += 2000.0
+    gram = 500.0 * torch.eye(5, dtype=torch.float64) + torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    mask[3, 1] = False
+    inputs = tuple(t.clone().requires_grad_() for t in (scores, gram))
+    ot_weights(*inputs, mask)
+    assert calls[0] == 1
+    assert torch.autograd.gradcheck(lambda s, g: ot_weights(s, g, mask, gamma=1.0), inputs)
 
 
 def random_problem(seed: int, batch: tuple[int, ...], n_q: int, n_k: int, d: int = 3):

@@ -549,3 +549,20 @@ def test_diverging_scalings_fall_back_to_the_log_domain() -> None:
     p, f = used.plan(g)
     assert torch.isfinite(g).all() and torch.isfinite(f).all()
     torch.testing.assert_close(p.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_problem_solved_exactly_does_not_poison_the_over_relaxation_of_its_batch(seed: int) -> None:
+    """A small padded problem reaches a column error of exactly 0 in float32 while a harder one in the
+    same batch still iterates: its step-size estimate must stay finite (0 / 0 gave NaN plans)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.zeros(2, 16, 16)
+    scores[0, :4, :4] = 0.3 * torch.randn(4, 4, generator=g)
+    scores[1] = 3 * torch.randn(16, 16, generator=g)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[0, :4, :4] = True
+    mask[1] = True
+    result = sinkhorn_weights(scores, mask, tol=1e-6)
+    assert torch.isfinite(result.weights).all()
+    assert bool(result.converged.all()), result.marginal_error
+    torch.testing.assert_close(result.weights[0, :4].sum(-1), torch.ones(4))

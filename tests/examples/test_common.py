@@ -1,0 +1,121 @@
+"""The examples' shared pieces: tensor datasets, the slicing collator, --quick parsing, T5 variants."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _common  # noqa: E402
+from _common import TensorBatchCollator, TensorDataset, Trim  # noqa: E402
+
+
+def _dataset() -> TensorDataset:
+    ids = torch.tensor([[5, 6, 0, 0, 0], [7, 0, 0, 0, 0], [8, 9, 10, 0, 0]])
+    return TensorDataset({
+        "input_ids": ids, "attention_mask": (ids != 0).long(),
+        "labels": torch.tensor([[1, -100, -100], [2, 3, -100], [4, -100, -100]]), "y": torch.arange(3),
+    })  # fmt: skip
+
+
+def test_getitems_gathers_the_rows_a_dataloader_asks_for():
+    ds = _dataset()
+    batch = ds.__getitems__([2, 0])
+    assert torch.equal(batch["y"], torch.tensor([2, 0]))
+    assert torch.equal(batch["input_ids"], ds.columns["input_ids"][[2, 0]])
+    assert len(ds) == 3 and set(ds[1]) == {"input_ids", "attention_mask", "labels", "y"}
+
+
+def test_tensor_dataset_refuses_columns_of_different_lengths():
+    with pytest.raises(ValueError, match="same number of examples"):
+        TensorDataset({"a": torch.zeros(3), "b": torch.zeros(4)})
+
+
+def test_collator_cuts_each_group_to_the_longest_real_row_of_the_batch():
+    ds = _dataset()
+    collate = TensorBatchCollator((
+        Trim("attention_mask", 0, ("input_ids", "attention_mask")), Trim("labels", -100, ("labels",)),
+    ))  # fmt: skip
+    batch = collate(ds.__getitems__([0, 1]))
+    assert batch["input_ids"].tolist() == [[5, 6], [7, 0]]
+    assert batch["labels"].tolist() == [[1, -100], [2, 3]]
+    assert collate(ds.__getitems__([2]))["input_ids"].tolist() == [[8, 9, 10]]
+    # a list of rows (a DataLoader without __getitems__) gives the same batch
+    rows = collate([ds[0], ds[1]])
+    assert all(torch.equal(rows[k], batch[k]) for k in batch)
+
+
+def test_dataloader_with_tensor_dataset_yields_whole_batches():
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=2, collate_fn=TensorBatchCollator())
+    sizes = [b["y"].shape[0] for b in loader]
+    assert sizes == [2, 1]
+
+
+def test_quick_replaces_defaults_but_not_given_options():
+    p = argparse.ArgumentParser()
+    p.add_argument("--a", type=int, default=1)
+    p.add_argument("--b", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    args = _common.parse_with_quick(p, ["--quick", "--b", "5"], {"a": 10, "b": 20})
+    assert (args.a, args.b) == (10, 5)
+    assert vars(_common.parse_with_quick(p, [], {"a": 10})) == {"a": 1, "b": 2, "quick": False}
+
+
+def test_set_threads_rejects_negative_counts():
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        _common.set_threads(-1)
+
+
+def test_pad_sequences_right_pads_and_truncates():
+    assert _common.pad_sequences([[1, 2, 3], [4]], pad=0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert _common.pad_sequences([[1, 2, 3]], pad=-1, length=2).tolist() == [[1, 2]]
+
+
+def test_t5_variant_parts_and_checkpoint_names():
+    import t5_titles
+
+    assert t5_titles.parse_variant("softmax:prior=alibi@encoder+decoder") == (
+        "softmax:prior=alibi",
+        ["encoder", "decoder"],
+    )
+    assert t5_titles.parse_variant("softmax") == ("softmax", [])
+    assert t5_titles.checkpoint_name("softmax", "title") == "t5-bbc-titles"
+    assert t5_titles.checkpoint_name("sinkhorn:n_iters=20@encoder", "category") == "t5-bbc-category-sinkhorn"
+    assert (
+        t5_titles.checkpoint_name("softmax:prior=alibi@encoder+decoder", "category")
+        == "t5-bbc-category-alibi"
+    )
+
+
+def test_t5_prior_variant_freezes_the_models_own_position_bias_at_zero():
+    """With a named prior the log-prior is the prior alone: T5's own bias is zero and gets no gradient."""
+    import t5_titles
+    from transformers import ByT5Tokenizer
+
+    args = t5_titles.parse_args(["--quick"])
+    tok = ByT5Tokenizer()
+    model = t5_titles.build_model(args, "softmax:prior=alibi@encoder+decoder", 0, tok)
+    owners = [m for m in model.modules() if getattr(m, "has_relative_attention_bias", False)]
+    assert len(owners) == 2  # encoder and decoder layer 0
+    assert all(not m.relative_attention_bias.weight.requires_grad for m in owners)
+    assert all(float(m.relative_attention_bias.weight.abs().sum()) == 0.0 for m in owners)
+    cfg = model.config.eot_attention
+    assert {o["part"] for o in cfg["overrides"]} == {"encoder", "decoder"}
+    plain = t5_titles.build_model(args, "softmax", 0, tok)
+    assert all(
+        m.relative_attention_bias.weight.requires_grad
+        for m in plain.modules()
+        if getattr(m, "has_relative_attention_bias", False)
+    )
+
+
+def test_cut_columns_are_contiguous_so_models_can_view_them():
+    """T5's loss calls labels.view(-1): a cut column must be contiguous."""
+    batch = TensorBatchCollator((Trim("labels", -100, ("labels",)),))(_dataset().__getitems__([0, 2]))
+    assert batch["labels"].is_contiguous() and batch["labels"].shape == (2, 1)
