@@ -19,7 +19,7 @@ Peers, timed in the same process (best of ``--repeats`` after a warm-up):
 
 Also printed: the column-marginal error reached, iterations (hf_eot's; plain Sinkhorn's iterations to
 1e-6, counted in float64), and the peak memory of one forward + backward as the increase of the
-peak resident set size of a fresh process (``resource.getrusage``), in units of ``B*H*n*n`` floats.
+peak resident set size of a fresh process (``VmHWM``), in units of ``B*H*n*n`` floats.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def peak_memory_child(name: str, n: int, std: float) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SinkhornConvergenceWarning)
         fwd_bwd(fn, q, k, v, g)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
     print(max(peak - rss, 0))
 
 
