@@ -1,9 +1,11 @@
 """Position priors: additive log-priors ``log pi`` for the prior-softmax view of attention.
 
-In the OT view (papers 000/001) a prior enters as ``Omega(p) = tau KL(p || pi)``, whose solution is
+In the OT view ("Scaled-Dot-Product Attention as One-Sided Entropic Optimal Transport", Litman,
+arXiv:2508.08369) a prior enters as ``Omega(p) = tau KL(p || pi)``, whose solution is
 ``p_j ~ pi_j exp(s_j / tau)``, i.e. logits ``s / tau + log pi``.  ALiBi (Press et al. 2022) is the
-prior ``log pi_ij = -m_h |i - j|``; T5's relative attention bias (paper 003, eq. (17)-(18)) is
-``log pi_ij = b_h[bucket(j - i)]`` with the buckets computed here.
+prior ``log pi_ij = -m_h |i - j|``; T5's relative attention bias (eq. (17)-(18) of "Deciphering
+Attention Mechanisms: Optimization and Fenchel Dual Solutions") is ``log pi_ij = b_h[bucket(j - i)]``
+with the buckets computed here.
 """
 
 from __future__ import annotations
