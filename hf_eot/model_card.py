@@ -214,7 +214,7 @@ def model_card(
     if config.model_type in ("t5", "mt5", "umt5", "longt5"):
         lines += [
             "",
-            "T5's relative position bias is the log-prior of every softmax (prior softmax, eq. 17-18 of "Deciphering Attention Mechanisms: Optimization and Fenchel Dual Solutions").",
+            "T5's relative position bias is the log-prior of every softmax (prior softmax, eq. 17-18 of \"Deciphering Attention Mechanisms: Optimization and Fenchel Dual Solutions\").",
         ]
     eot_dict = getattr(config, CONFIG_KEY, None)
     lines += ["", "`config.eot_attention`:", "", "```json", json.dumps(eot_dict, indent=2), "```", ""]
