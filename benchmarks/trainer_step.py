@@ -39,16 +39,6 @@ sys.path.insert(0, str(EXAMPLES))
 
 import _common  # noqa: E402
 
-REGULARIZERS = [
-    "softmax",
-    "sparsemax",
-    "entmax:alpha=1.5",
-    "entmax:alpha=1.5,learn_alpha=true",
-    "sinkhorn",
-    "ot",
-]
-
-
 def now() -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process).  With one torch thread the CPU time of a step is the
     wall time it takes on an idle core, whatever else runs on the machine."""
@@ -194,7 +184,10 @@ def pipelines(args, out: str) -> None:
 
 def regularizers(args, out: str) -> None:
     extra = ["--max-length", str(args.max_length)] if args.max_length else []
-    factories = {spec: bbc_factory(spec, args.quick, out, extra) for spec in args.regularizers}
+    import text_classification as tc
+
+    specs = args.regularizers or tc.DEFAULT_SPECS
+    factories = {spec: bbc_factory(spec, args.quick, out, extra) for spec in specs}
     best: dict[str, tuple[float, float]] = {}
     shape = ""
     for _ in range(args.rounds):
@@ -226,8 +219,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--regularizers",
         nargs="+",
-        default=REGULARIZERS,
-        help="specs for `regularizers` (default: %(default)s)",
+        default=None,
+        help="specs for `regularizers` (default: every regularizer the BBC example compares)",
     )
     p.add_argument("--max-length", type=int, default=None, help="BBC tokens (default: the example's)")
     p.add_argument(
