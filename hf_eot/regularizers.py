@@ -371,9 +371,6 @@ register_regularizer(
 # --------------------------------------------------------------------------------------------------
 # Sinkhorn: both marginals fixed, all queries coupled
 
-_SINKHORN_GRADS: tuple[str, ...] = _sinkhorn_ops.GRAD_MODES
-
-
 def _sinkhorn(
     scores: torch.Tensor,
     mask: torch.Tensor | None,
@@ -390,7 +387,7 @@ def _sinkhorn(
     # kernel exp(scores / epsilon + log_prior) = exp((scores + epsilon * log_prior) / epsilon): the solver
     # gets the user's epsilon, so that its non-convergence advice speaks of the user's value
     if log_prior is not None:
-        scores = scores + (log_prior.to(scores.dtype) if epsilon == 1.0 else epsilon * log_prior.to(scores.dtype))
+        scores = scores + epsilon * log_prior.to(scores.dtype)
     result = ops.sinkhorn_weights(
         scores, mask, epsilon=epsilon, n_iters=n_iters, tol=tol, max_iters=max_iters, grad=grad
     )
@@ -414,7 +411,7 @@ register_regularizer(
                   "target max column-marginal error"),
             Param("max_iters", _sinkhorn_ops.DEFAULT_MAX_ITERS, _positive_int, "an int >= 1",
                   "iteration cap when n_iters is None"),
-            Param("grad", "implicit", lambda x: x in _SINKHORN_GRADS, f"one of {list(_SINKHORN_GRADS)}",
+            Param("grad", "implicit", lambda x: x in _sinkhorn_ops.GRAD_MODES, f"one of {list(_sinkhorn_ops.GRAD_MODES)}",
                   "gradient: implicit differentiation at the fixed point, or through the unrolled iterations"),
             PRIOR,
         ),
