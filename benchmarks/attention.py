@@ -15,10 +15,11 @@ projection (``ot.batch.bregman_log_projection_batch``, tol 1e-6 on its potential
 iterations, gradient of the last step).  The iterations each solver needs to reach a
 column-marginal error of 1e-6 on one head (at most 1000) are printed below each table.
 
-Times are the best of ``--repeats`` interleaved runs (rows slower than ``--slow`` seconds run once).
-"peak MiB" is the resident memory a forward+backward call adds on top of its inputs: on Linux the
-process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before each call, with
-glibc's allocator set to return every block of >= 64 KiB to the system), on CUDA
+Times are the best of ``--repeats`` interleaved runs (rows slower than ``--slow`` seconds run once),
+with the allocator's default settings.  "peak MiB" is the resident memory a forward+backward call adds
+on top of its inputs, measured after all timings: on Linux the process's peak RSS (``VmHWM``, reset
+through ``/proc/self/clear_refs`` before each call, with glibc's allocator then set to return every
+block of >= 64 KiB to the system, which would slow down the timed calls), on CUDA
 ``torch.cuda.max_memory_allocated``.
 """
 
@@ -152,7 +153,9 @@ def _limit_malloc_caching() -> bool:
     each call); False where that is not possible."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 64 * 1024))  # MMAP/TRIM threshold
+        ok = bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 64 * 1024))  # MMAP/TRIM threshold
+        libc.malloc_trim(0)  # release what the timed calls left cached
+        return ok
     except OSError:
         return False
 
@@ -200,8 +203,8 @@ def _time_once(fn: Attention, q, k, v, backward: bool) -> float:
 
 
 def measure(rows: dict[str, Attention], q, k, v, repeats: int, slow: float) -> dict[str, list[float]]:
-    """label -> [forward s, forward+backward s, peak MiB]; best of ``repeats`` interleaved runs,
-    rows slower than ``slow`` seconds run once."""
+    """label -> [forward s, forward+backward s, peak MiB (NaN until :func:`measure_peaks`)]; best of
+    ``repeats`` interleaved runs, rows slower than ``slow`` seconds run once."""
     best = {label: [math.inf, math.inf, math.nan] for label in rows}
     for rep in range(repeats):
         for label, fn in rows.items():
@@ -210,10 +213,15 @@ def measure(rows: dict[str, Attention], q, k, v, repeats: int, slow: float) -> d
                 continue
             cell[0] = min(cell[0], _time_once(fn, q, k, v, backward=False))
             cell[1] = min(cell[1], _time_once(fn, q, k, v, backward=True))
-            if rep == 0:
-                cell[2] = _peak_mib(fn, q, k, v)
             print(f"  [{label}: {cell[0]:.3f} s / {cell[1]:.3f} s]", file=sys.stderr, flush=True)
     return best
+
+
+def measure_peaks(rows: dict[str, Attention], q, k, v, results: dict[str, list[float]]) -> None:
+    """Fill in the peak MiB of every row: the larger of two forward+backward calls (a call can reuse pages
+    that the previous one left resident, which hides up to a few tens of MiB)."""
+    for label, fn in rows.items():
+        results[label][2] = max(_peak_mib(fn, q, k, v), _peak_mib(fn, q, k, v))
 
 
 def iterations_to_tol(scores: torch.Tensor, max_iters: int = 1000) -> dict[str, str]:
@@ -266,7 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sizes, args.repeats = [256], 1
     warnings.filterwarnings("ignore", category=ops.SinkhornConvergenceWarning)
-    malloc_ok = _limit_malloc_caching()
 
     table = candidates(args.heads, args.dim)
     if args.only:
@@ -281,14 +288,23 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
         lines.append(line)
 
+    rows = {label: fn for label, (fn, _) in table.items()}
+    inputs, timings = {}, {}
+    for n in args.sizes:  # all timings first, with the allocator's defaults
+        torch.manual_seed(0)
+        inputs[n] = tuple(torch.randn(args.batch, args.heads, n, args.dim, device=args.device) for _ in range(3))
+        timings[n] = measure(rows, *inputs[n], args.repeats, args.slow)
+    malloc_ok = args.device != "cpu" or _limit_malloc_caching()
+    for n in args.sizes:
+        measure_peaks(rows, *inputs[n], timings[n])
+
     emit(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
          f"heads={args.heads} head_dim={args.dim} float32; best of {args.repeats} (rows over {args.slow:g} s: 1); "
-         f"peak RSS {'per call' if malloc_ok else 'unreliable (allocator caching)'}")
+         f"peak RSS {'per call' if malloc_ok else 'unreliable (allocator caching)'}, measured after the timings")
     emit(f"command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     for n in args.sizes:
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, device=args.device) for _ in range(3))
-        results = measure({label: fn for label, (fn, _) in table.items()}, q, k, v, args.repeats, args.slow)
+        q, k, v = inputs[n]
+        results = timings[n]
         ref_fwd, ref_both, ref_mem = results["torch sdpa"]
         emit(f"\nn = {n}")
         emit("| attention | fwd ms | fwd+bwd ms | fwd / torch sdpa | fwd+bwd / torch sdpa | peak MiB | "

@@ -11,6 +11,8 @@ never by ``if name == ...``:
 * ``learned(params)``: the per-head :class:`LearnedParameter` s a model must hold for these parameters;
 * ``weights(scores, mask, log_prior, **params) -> WeightsOutput``: the pure tensor map, with optional
   diagnostics (Sinkhorn's column-marginal error and iteration count);
+* ``attention(query, key, value, mask, log_prior, *, scale, dropout, **params)``: optionally, the whole
+  attention ``weights @ value`` fused (the weights never stored), used when the weights are not requested;
 * ``needs_templates`` / ``couples_queries``: what it needs from an attention module.
 
 Shared conventions (see :mod:`hf_eot.ops`):
@@ -125,6 +127,10 @@ class Regularizer:
         needs_templates: the map needs the Gram matrix of the keys (the OT-based attention).
         is_sdpa: the map of ``scores / epsilon + the model's own bias`` is SDPA's softmax with the scale
             divided by epsilon, so a model may run it on the fused kernel when no named prior is added.
+        attention: optional fused attention ``attention(query, key, value, mask, log_prior, *, scale,
+            dropout, **params) -> (B, H, Q, d_v)``, the same as ``dropout(weights(...)) @ value`` with
+            ``scores = query @ key^T * scale`` but without storing the weights; it returns None for
+            parameters it does not cover (then ``weights`` is used).
     """
 
     name: str
@@ -135,6 +141,7 @@ class Regularizer:
     couples_queries: bool = False
     needs_templates: bool = False
     is_sdpa: bool = False
+    attention: Callable[..., torch.Tensor | None] | None = None
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
@@ -300,11 +307,29 @@ register_regularizer(
         is_sdpa=True,
     )
 )
+def _sparsemax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    log_prior: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """Fused sparsemax attention (:func:`hf_eot.ops.entmax_attention` at alpha = 2)."""
+    return ops.entmax_attention(
+        query, key, value, alpha=2.0, mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon, dropout=dropout
+    )
+
+
 register_regularizer(
     Regularizer(
         name="sparsemax",
         params=(EPSILON, PRIOR),
         weights=_sparsemax,
+        attention=_sparsemax_attention,
     )
 )
 
@@ -324,6 +349,29 @@ def _entmax(
     """``Omega = epsilon (sum_j p_j^alpha - 1) / (alpha (alpha - 1))`` (Tsallis; Peters et al. 2019, eq. (9))."""
     logits = _logits(scores, log_prior, epsilon)
     return WeightsOutput(ops.entmax_weights(logits, alpha, mask, max_iters=max_iters))
+
+
+def _entmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    log_prior: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout: float,
+    epsilon: float,
+    alpha: float | torch.Tensor,
+    max_iters: int,
+) -> torch.Tensor | None:
+    """Fused alpha-entmax attention for a number alpha in (1, 2]; None for a tensor (learned) alpha, whose
+    gradient needs the weights, and for alpha > 2."""
+    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0:
+        return None
+    return ops.entmax_attention(
+        query, key, value, alpha=float(alpha), mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon,
+        max_iters=max_iters, dropout=dropout,
+    )
 
 
 def _entmax_check(params: Mapping[str, Any]) -> None:
@@ -363,6 +411,7 @@ register_regularizer(
             PRIOR,
         ),
         weights=_entmax,
+        attention=_entmax_attention,
         check=_entmax_check,
         learned=_entmax_learned,
     )

@@ -184,7 +184,8 @@ def eot_attention_forward(
 
     Shapes: query ``(batch, heads, Q, d)``, key/value ``(batch, kv_heads, K, d)``; returns the output
     ``(batch, Q, heads, d_v)`` and the weights ``(batch, heads, Q, K)`` that were used (None on the
-    fused SDPA path, which only runs when weights are not requested).  The regularizer's diagnostics
+    fused paths, SDPA for softmax and the regularizer's ``attention`` hook for the sparse maps, which only
+    run when weights are not requested).  The regularizer's diagnostics
     (e.g. Sinkhorn's ``marginal_error`` per batch and head, ``n_iters``) are kept on the module as
     ``module.eot_diagnostics`` and as ``module.eot_<name>`` attributes.
 
@@ -244,6 +245,16 @@ def eot_attention_forward(
         params["hidden_size"] = hidden_size(module.config)
     if regularizer.couples_queries and mask is not None and n_queries == n_keys:
         mask = _mask_padded_queries(mask)  # padded tokens are not queries: no column mass for them
+
+    if regularizer.attention is not None and not kwargs.get("output_attentions", False):
+        # weights not requested: the fused map (e.g. sparse maps in query blocks, weights never stored);
+        # its host synchronisations keep it out of compiled graphs, which use the weights path
+        if not torch.compiler.is_compiling():
+            output = regularizer.attention(
+                query, key, value, mask, log_prior, scale=scale, dropout=dropout if module.training else 0.0, **params
+            )
+            if output is not None:
+                return output.transpose(1, 2).contiguous(), None
 
     scores = (query @ key.transpose(-1, -2)) * scale  # (B, H, Q, K)
     out = regularizer.weights(scores, mask, log_prior, **params)

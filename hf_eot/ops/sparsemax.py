@@ -81,22 +81,27 @@ def _sorted_top(X: Tensor, k: int) -> Tensor:
     return torch.topk(X, k, dim=-1, sorted=True).values
 
 
-def _partial_sort_threshold(X: Tensor, threshold: ThresholdFn) -> tuple[Tensor, Tensor]:
+def _partial_sort_threshold(
+    X: Tensor, threshold: ThresholdFn, support_hint: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Exact threshold of each row of ``X`` ``(R, n)`` from a partial sort of its largest entries.
 
     ``X`` rows have max 0 (or are all -2) and entries ``<= -1`` are outside the support.
     ``threshold(V)`` maps sorted-decreasing top entries ``V`` ``(r, k)`` to ``(tau, support_size)``
     (both ``(r, 1)``); it must be exact whenever the support has fewer than ``k`` entries or all
-    entries ``> -1`` are in ``V``.  Rows for which neither is certain are recomputed.
+    entries ``> -1`` are in ``V``.  Rows for which neither is certain are recomputed.  ``k`` is
+    estimated from ``support_hint`` (e.g. the largest support of similar rows already solved) or,
+    without one, from the exact support sizes of a sample of rows; it only affects the speed.
     """
     R, n = X.shape
     if torch.compiler.is_compiling() or n <= _FULL_SORT_MAX_KEYS or R == 0:
         return threshold(torch.sort(X, dim=-1, descending=True).values)
 
-    # estimate k from the exact support sizes of a sample of rows (host sync, eager only)
-    step = max(1, R // _SAMPLE_ROWS)
-    _, supp_sample = threshold(torch.sort(X[::step], dim=-1, descending=True).values)
-    k = min(n, max(8, math.ceil(1.25 * int(supp_sample.max())) + 1))
+    if support_hint is None:  # exact support sizes of a sample of rows (host sync, eager only)
+        step = max(1, R // _SAMPLE_ROWS)
+        _, supp_sample = threshold(torch.sort(X[::step], dim=-1, descending=True).values)
+        support_hint = int(supp_sample.max())
+    k = min(n, max(8, math.ceil(1.25 * support_hint) + 1))
     V = _sorted_top(X, k)
     tau, supp = threshold(V)
     if V.shape[-1] == n:

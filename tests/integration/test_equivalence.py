@@ -146,3 +146,44 @@ def test_t5_generate_with_cache_equals_recomputation(regularizer: str, params: d
     assert torch.equal(cached.sequences, recomputed.sequences)
     for ours, theirs in zip(cached.scores, recomputed.scores, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "vit"])
+@pytest.mark.parametrize(
+    ("regularizer", "params"),
+    [("sparsemax", {"epsilon": 0.5}), ("entmax", {"alpha": 1.5}), ("entmax", {"alpha": 1.3, "prior": "alibi"})],
+)
+def test_fused_sparse_maps_equal_their_weights_path(
+    kind: str, regularizer: str, params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without output_attentions the sparse maps run fused (blocked, weights never stored); the outputs and
+    every parameter gradient equal those of the weights path (output_attentions=True), on padded batches,
+    T5's causal decoder, cross-attention and learned position bias included."""
+    fused_calls = []
+    fused = hf_eot.ops.entmax_attention
+    monkeypatch.setattr(hf_eot.ops, "entmax_attention", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+
+    def configure(config):
+        parts = ("encoder", "decoder") if (kind == "t5" and "prior" in params) else (None,)
+        for part in parts:
+            hf_eot.configure(config, regularizer, part=part, **params)
+
+    model = tiny.model(kind, "eot", configure=configure)
+    if kind == "t5":
+        tiny.randomize_position_bias(model)
+    batch = tiny.inputs(kind, batch=3)
+    results = []
+    for output_attentions in (False, True):
+        model.zero_grad()
+        out = model(**batch, output_attentions=output_attentions)
+        main = next(iter(tiny.tensors(out).values()))
+        (main * torch.linspace(-1, 1, main.numel()).view_as(main)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((main.detach(), grads))
+        assert bool(fused_calls) != output_attentions, "fused exactly when the weights are not requested"
+        fused_calls.clear()
+    (fused, fused_grads), (unfused, unfused_grads) = results
+    torch.testing.assert_close(fused, unfused, atol=ATOL, rtol=1e-5)
+    assert fused_grads.keys() == unfused_grads.keys() and fused_grads
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, unfused_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

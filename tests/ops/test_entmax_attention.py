@@ -1,0 +1,190 @@
+"""Tests for hf_eot.ops.entmax_attention: the fused (blocked, sparse where it pays) entmax attention must
+equal ``entmax_weights(scores) @ value`` in values and gradients, in both of its block modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_eot.ops import entmax_attention, entmax_weights
+from hf_eot.ops.entmax_attention import _SparseBlock
+
+ALPHAS = [2.0, 1.5, 1.3, 1.7]
+
+
+def _inputs(
+    batch: int, heads: int, n_queries: int, n_keys: int, dim: int, *, spread: float, seed: int, dtype=torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, heads, n_queries, dim, generator=gen, dtype=torch.float64) * spread).to(dtype)
+    k = torch.randn(batch, heads, n_keys, dim, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(batch, heads, n_keys, dim, generator=gen, dtype=torch.float64).to(dtype)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+
+def _reference(q, k, v, alpha, mask=None, log_prior=None, scale=None, epsilon=1.0):
+    """The unfused map: scores, entmax_weights, then the values."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q @ k.transpose(-1, -2)) * scale / epsilon
+    if log_prior is not None:
+        logits = logits + log_prior
+    return entmax_weights(logits, alpha, mask) @ v
+
+
+def _block_kinds(out: torch.Tensor) -> set[str]:
+    """The modes the forward chose for its blocks (the autograd node of a custom Function is its ctx):
+    "gather" and "scatter" (threshold from the top k, products over the support or on the scattered
+    weights) or "dense" (statistics only, recomputed in the backward)."""
+    return {
+        ("gather" if block.gather else "scatter") if isinstance(block, _SparseBlock) else "dense"
+        for block in out.grad_fn.blocks
+    }
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("spread", [0.3, 6.0])
+def test_values_and_gradients_match_the_unfused_map(alpha: float, spread: float) -> None:
+    """Outputs and the gradients of query, key, value and a learned prior equal the unfused map to float64
+    round-off, with a padding mask (one fully masked row) and several query blocks; flat scores (spread
+    0.3, wide entmax supports: dense blocks) and peaked ones (spread 6, small supports: sparse blocks)."""
+    q, k, v = _inputs(2, 3, 40, 320, 8, spread=spread, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 1, 40, 320, generator=gen) > 0.2
+    mask[1, 0, 5] = False  # a query with no allowed key
+    prior = torch.randn(1, 3, 40, 320, generator=gen, dtype=torch.float64).requires_grad_()
+    kwargs = dict(mask=mask, log_prior=prior, scale=0.4, epsilon=0.8)
+    out = entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 3 * 320 * 8, **kwargs)
+    ref = _reference(q, k, v, alpha, **kwargs)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.all(out[1, :, 5] == 0)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v, prior), grad)
+    theirs = torch.autograd.grad(ref, (q, k, v, prior), grad)
+    for name, a, b in zip("qkvp", ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
+    if spread > 1 and alpha in (2.0, 1.5):
+        assert "gather" in _block_kinds(out), "peaked scores must take the sparse mode"
+    if spread < 1 and alpha < 2.0:
+        assert "dense" in _block_kinds(out), "wide supports must take the dense mode"
+
+
+@pytest.mark.parametrize(("alpha", "medium"), [(2.0, 0.5), (1.5, 2.0), (1.3, 3.0)])
+def test_every_block_mode_in_one_call(alpha: float, medium: float) -> None:
+    """A call whose query blocks are flat (wide supports: dense mode), then peaked (supports of a few keys:
+    gathers), then in between (supports of tens of keys: products on the scattered weights) equals the
+    unfused map, gradients included; a prior broadcast over the queries gets the summed gradient."""
+    q, k, v = _inputs(1, 2, 64, 512, 4, spread=1.0, seed=2)
+    with torch.no_grad():
+        q[..., :16, :] *= 0.05
+        q[..., 16:40, :] *= 12.0
+        q[..., 40:, :] *= medium
+    prior = 0.05 * torch.randn(1, 2, 1, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    prior.requires_grad_()
+    out = entmax_attention(q, k, v, alpha=alpha, log_prior=prior, block_elements=2 * 512 * 8)
+    ref = _reference(q, k, v, alpha, log_prior=prior)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert _block_kinds(out) == {"dense", "gather", "scatter"}
+    grad = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v, prior), grad), torch.autograd.grad(ref, (q, k, v, prior), grad), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.4])
+@pytest.mark.parametrize("spread", [0.5, 8.0])
+def test_gradcheck(alpha: float, spread: float) -> None:
+    """Finite differences (float64, gradcheck's fast mode: random directions) agree with the analytic
+    backward of both block modes."""
+    q, k, v = _inputs(1, 2, 6, 288, 3, spread=spread, seed=3)
+
+    def fn(q, k, v):
+        return entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 288 * 3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0])
+def test_dropout_is_reproducible_and_differentiated(spread: float) -> None:
+    """With dropout, the same seed gives the same output, gradcheck passes (the backward uses the forward's
+    dropout masks, stored or regenerated), about the dropout fraction of the support is zeroed, and the
+    output differs from the one without dropout."""
+    q, k, v = _inputs(1, 2, 8, 288, 3, spread=spread, seed=4)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)
+        return entmax_attention(q, k, v, alpha=2.0, dropout=0.3, block_elements=2 * 288 * 3)
+
+    torch.testing.assert_close(fn(q, k, v), fn(q, k, v), atol=0, rtol=0)
+    assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, fast_mode=True)
+    assert not torch.allclose(fn(q, k, v), entmax_attention(q, k, v, alpha=2.0))
+    # the weights that were used: drop the values' gradient path to read them off through an identity
+    eye = torch.eye(288, dtype=torch.float64).expand(1, 2, 288, 288)
+    torch.manual_seed(0)
+    used = entmax_attention(q.detach(), k.detach(), eye, alpha=2.0, dropout=0.3, block_elements=2 * 288 * 3)
+    plain = entmax_attention(q.detach(), k.detach(), eye, alpha=2.0)
+    kept = used[plain > 0] > 0
+    assert 0.4 < kept.double().mean() < 0.95
+    torch.testing.assert_close(used[plain > 0][kept], plain[plain > 0][kept] / 0.7, atol=1e-12, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    alpha=st.sampled_from(ALPHAS),
+    n_queries=st.integers(1, 12),
+    n_keys=st.integers(1, 300),
+    spread=st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e4]),
+    pad=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_unfused_float32(
+    alpha: float, n_queries: int, n_keys: int, spread: float, pad: int, seed: int
+) -> None:
+    """For any sizes, padding, and score scales from constant to extreme (x1e4), float32 outputs equal the
+    unfused map to float32 round-off, padded (fully masked) query rows are exactly 0 and nothing is NaN."""
+    q, k, v = _inputs(2, 2, n_queries, n_keys, 4, spread=spread, seed=seed, dtype=torch.float32)
+    keys_valid = torch.arange(n_keys) < max(1, n_keys - pad)
+    mask = keys_valid.expand(2, 1, n_queries, n_keys).clone()
+    mask[1, :, 0] = False
+    out = entmax_attention(q, k, v, alpha=alpha, mask=mask, block_elements=512)
+    ref = _reference(q.double(), k.double(), v.double(), alpha, mask=mask).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-4 * max(1.0, float(v.detach().abs().max())), rtol=1e-4)
+    assert torch.all(out[1, :, 0] == 0)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_match_float32(dtype: torch.dtype) -> None:
+    """Half inputs are computed in float32 inside and returned in their dtype, close to the float32 result."""
+    q, k, v = _inputs(2, 2, 30, 200, 8, spread=2.0, seed=5, dtype=torch.float32)
+    out = entmax_attention(q.to(dtype), k.to(dtype), v.to(dtype), alpha=1.5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), entmax_attention(q, k, v, alpha=1.5), atol=5e-2, rtol=5e-2)
+    out.float().sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 2.5}, "alpha in \\(1, 2\\]"),
+        ({"alpha": 1}, "alpha in \\(1, 2\\]"),
+        ({"alpha": 1.5, "dropout": 1.0}, "dropout must be in \\[0, 1\\)"),
+        ({"alpha": 1.5, "block_elements": 0}, "block_elements must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
+    """Invalid alpha, dropout or block size raise a ValueError naming the value and the valid range."""
+    q, k, v = _inputs(1, 1, 2, 3, 2, spread=1.0, seed=0)
+    with pytest.raises(ValueError, match=message):
+        entmax_attention(q, k, v, **kwargs)
+
+
+def test_mismatched_shapes_are_named() -> None:
+    """Keys from another batch, or values of another length, raise a ValueError listing the shapes."""
+    q, k, v = _inputs(1, 1, 2, 3, 2, spread=1.0, seed=0)
+    with pytest.raises(ValueError, match="query \\(B, H, Q, d\\)"):
+        entmax_attention(q, k[..., :2, :], v, alpha=1.5)
