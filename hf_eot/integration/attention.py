@@ -167,6 +167,30 @@ def _refuse_coupled_queries(name: str, module: nn.Module, part: str, call_causal
     )
 
 
+def _weights_requested(kwargs: dict[str, Any]) -> bool:
+    """Whether the caller wants this call's attention weights: ``output_attentions`` passed down to the
+    attention function, or (Transformers 5) requested on the model's forward or config, which the
+    output-capturing hooks record in a context variable that not every model passes on as a keyword
+    (GPT-2 does not, nor does ``config.output_attentions=True``).  Without the weights those hooks would
+    record None, so the fused paths must not run."""
+    if kwargs.get("output_attentions", False):
+        return True
+    collector = _active_output_collector()
+    return collector is not None and any("attentions" in name for name in collector)
+
+
+def _active_output_collector() -> dict[str, Any] | None:
+    """The outputs Transformers' ``capture_outputs`` is recording for the running forward (None if none)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a Transformers without output capturing passes output_attentions as a keyword
+        return None
+    try:
+        return _active_collector.get()  # compile-safe in Transformers
+    except LookupError:
+        return None
+
+
 def eot_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -196,7 +220,8 @@ def eot_attention_forward(
     """
     spec = module_spec(module)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if spec.runs_on_sdpa and not kwargs.get("output_attentions", False):
+    weights_requested = _weights_requested(kwargs)
+    if spec.runs_on_sdpa and not weights_requested:
         # softmax(q.k * scaling / epsilon + the model's bias): Transformers' own SDPA path, fused kernel
         return sdpa_attention_forward(
             module,
@@ -246,7 +271,7 @@ def eot_attention_forward(
     if regularizer.couples_queries and mask is not None and n_queries == n_keys:
         mask = _mask_padded_queries(mask)  # padded tokens are not queries: no column mass for them
 
-    if regularizer.attention is not None and not kwargs.get("output_attentions", False):
+    if regularizer.attention is not None and not weights_requested:
         # weights not requested: the fused map (e.g. sparse maps in query blocks, weights never stored);
         # its host synchronisations keep it out of compiled graphs, which use the weights path
         if not torch.compiler.is_compiling():

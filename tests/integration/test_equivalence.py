@@ -187,3 +187,31 @@ def test_fused_sparse_maps_equal_their_weights_path(
     assert fused_grads.keys() == unfused_grads.keys() and fused_grads
     for name, grad in fused_grads.items():
         torch.testing.assert_close(grad, unfused_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5"])
+@pytest.mark.parametrize("regularizer", ["softmax", "sparsemax"])
+@pytest.mark.parametrize("where", ["forward", "config"])
+def test_weights_are_returned_however_they_are_requested(kind: str, regularizer: str, where: str) -> None:
+    """Attention weights requested on the forward or in the config (which Transformers records through its
+    output-capturing hooks, not always as a keyword of the attention call: GPT-2, config flags) are the
+    weights used, never None: the fused paths step aside, and the outputs are unchanged."""
+    model = tiny.model(kind, "eot", configure=lambda c: hf_eot.configure(c, regularizer))
+    batch = tiny.inputs(kind, batch=2)
+    with torch.no_grad():
+        plain = model(**batch)
+        if where == "config":  # set before the model is built (Transformers refuses it on a live "eot" config)
+            requesting = tiny.model(
+                kind, "eot", configure=lambda c: hf_eot.configure(c, regularizer), output_attentions=True
+            )
+            out = requesting(**batch)
+        else:
+            out = model(**batch, output_attentions=True)
+    groups = ["encoder_attentions", "decoder_attentions", "cross_attentions"] if kind == "t5" else ["attentions"]
+    for group in groups:
+        weights = getattr(out, group)
+        assert weights is not None and len(weights) == 2 and all(w is not None for w in weights), group
+        for w in weights:
+            sums = w.sum(-1)
+            assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0)), group
+    torch.testing.assert_close(next(iter(tiny.tensors(out).values())), next(iter(tiny.tensors(plain).values())))

@@ -6,21 +6,25 @@ Every alpha-entmax row is ``p_j = [(alpha - 1) (L_j - m) - tau]_+^{1/(alpha-1)} 
 Niculae & Martins 2019, eq. (10)) with ``m`` the row maximum, ``tau`` the threshold and ``Z`` 1 for the
 exact maps (alpha = 2, 1.5) or the sum before renormalisation (Newton's threshold, other alpha).
 
-Per block of queries the scores come from one matrix product; then the threshold is found from the
-``k`` largest entries of each row (``torch.topk``), which is exact as soon as every row's support lies
-in its top ``k`` (checked per row; ``k`` grows otherwise; ``k`` starts from the previous block's largest
-support).  What the block keeps for the backward depends on ``k``:
+Per block of queries the scores come from one matrix product.  The first block finds its thresholds
+over whole rows; every later one from the ``k`` largest entries of each row (``torch.topk``, ``k`` a
+little above the previous block's largest support), which is exact when every row's support lies in its
+top ``k`` (checked per row; ``k`` is doubled once, then the block falls back to whole rows).  The
+block's mode follows ``k``:
 
-* **sparse** (``4 k <= n_keys``, the usual case for sparsemax and 1.5-entmax): the support weights
-  ``(q, k)`` and their key indices.  ``P V``, and the whole backward, are gathers over the support,
-  ``O(q k d)`` instead of ``O(q n d)``: with ``g = p^{2 - alpha}`` on the support (1 for sparsemax),
+* **gather** (``k <= n_keys / 32``, e.g. sparsemax): only the support weights ``(q, k)`` and their key
+  indices are kept.  ``P V`` and the whole backward are gathers over the support, ``O(q k d)`` instead
+  of ``O(q n d)``: with ``g = p^{2 - alpha}`` on the support (1 for sparsemax),
   ``dL = g dP - g <g, dP> / sum(g)`` (the entmax Jacobian; Correia, Niculae & Martins 2019,
   "Adaptively Sparse Transformers", Appendix B) with ``dP_j = <dO, v_j>`` only for support keys.
-* **dense** otherwise: only ``m, tau, Z`` per row, as the log-sum-exp in flash attention; the backward
-  recomputes the block's scores and ``P`` bit for bit and uses four matrix products.
+* **scatter** (``k <= n_keys / 3``, e.g. 1.5- and 1.3-entmax): the same support is kept, and the
+  products are matrix products on the weights scattered into a dense block (no recomputed scores).
+* **dense** (the first block, and wider supports): only ``m, tau, Z`` per row, as the log-sum-exp in
+  flash attention; the backward recomputes the block's scores and ``P`` bit for bit.
 
-Peak memory is ``O(n_keys * block)`` per head in the forward and the backward, instead of the several
-``(n_queries, n_keys)`` tensors of computing the weights first.  The values equal those of
+Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports
+(``O(n_queries * k)``, 12 bytes per entry), instead of the several ``(n_queries, n_keys)`` tensors of
+computing the weights first.  The values equal those of
 :func:`hf_eot.ops.entmax_weights` followed by ``@ value`` to round-off (tests compare them).
 """
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._masking import compute_dtype, sum_to_shape
 from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold
@@ -37,8 +42,10 @@ from .sparsemax import _partial_sort_threshold, _sparsemax_threshold
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention"]
 
-#: Score entries per block (all batches and heads together): 2**21 float32 = 8 MiB.
+#: Score entries per block (all batches and heads together): 2**21 float32 = 8 MiB ...
 DEFAULT_BLOCK_ELEMENTS = 2**21
+#: ... but never fewer queries than this per block.
+_MIN_BLOCK_QUERIES = 16
 #: The threshold comes from each row's top k while k is at most this fraction of the keys ...
 _TOP_K_FRACTION = 1 / 3
 #: ... and the block's products are gathers over the support (instead of matrix products on the weights
@@ -137,17 +144,23 @@ def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Ten
     return tau, torch.where(total > 0, total, torch.ones_like(total)), V[:, -1:] <= tau
 
 
-def _top_support(logits: Tensor, alpha: float, max_iters: int, k: int) -> tuple[Tensor, Tensor] | None:
+def _top_support(
+    logits: Tensor, alpha: float, max_iters: int, k: int, masked: bool
+) -> tuple[Tensor, Tensor] | None:
     """Weights ``(R, k')`` on the top ``k'`` entries of every row of ``logits`` ``(R, n)`` (masked keys at
     -inf) and their indices, with ``k' = k``, or ``2 k`` if some row's support does not fit in its top
     ``k``; None if it does not fit in the top ``2 k`` either, or ``k'`` exceeds the top-k fraction of the
-    keys.  Only the top entries are shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``."""
+    keys.  Only the top entries are shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.  A row
+    whose maximum is -inf is a fully masked query (``masked``: weights zeroed later) or, without a mask,
+    a row of -inf logits, left to the whole-row path, which gives NaN as the weights path does."""
     for k_try in (k, 2 * k):
         if k_try > _TOP_K_FRACTION * logits.shape[-1]:
             return None
         V, index = torch.topk(logits, k_try, dim=-1, sorted=True)
-        row_max = V[:, :1]
-        X = V.sub_(torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+        row_max = V[:, :1].clone()  # not a view: V is shifted in place
+        if masked:
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        X = V.sub_(row_max)
         if alpha != 2.0:
             X.mul_(alpha - 1.0)
         X.clamp_(min=_floor(alpha))
@@ -250,7 +263,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     ) -> Tensor:
         cdtype = compute_dtype(query.dtype)
         n_queries, n_keys = query.shape[-2], key.shape[-2]
-        out = query.new_empty((*query.shape[:-1], value.shape[-1]))  # (B, H, Q, d_v)
+        out = value.new_empty((*query.shape[:-1], value.shape[-1]))  # (B, H, Q, d_v)
         query = query * (scale / epsilon)  # the logits' scale folded into the (small) queries
         key_t = key.transpose(-1, -2).contiguous()  # (B, H, d, K): products without transposed operands
         # one seed per call from the default generator; a dense block's dropout mask is drawn from
@@ -268,7 +281,8 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             row_valid = _row_valid(mask_b, cdtype)
             top = None
             if support is not None and not torch.compiler.is_compiling():
-                top = _top_support(logits.view(-1, n_keys), alpha, max_iters, max(8, (5 * support) // 4 + 1))
+                guess = max(8, (5 * support) // 4 + 1)
+                top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, mask_b is not None)
             if top is not None:
                 P, index = top  # (R, k)
                 shape = (*logits.shape[:-1], P.shape[-1])
@@ -302,6 +316,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of silently missing terms
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         query, key, value, mask, log_prior = ctx.saved_tensors
         scale, epsilon, alpha, dropout = ctx.settings
@@ -354,10 +369,11 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 dL = (values * g_b.unsqueeze(-2)).sum(dim=-1, dtype=cdtype)  # dP on the support (B, H, q, k)
                 if keep is not None:
                     dL.mul_(keep)
-                dL = _entmax_backward(dL, _gppr(P, alpha)).to(query.dtype)  # (B, H, q, k)
+                dL = _entmax_backward(dL, _gppr(P, alpha))  # (B, H, q, k)
                 if need_prior:
                     dense = torch.zeros((*dL.shape[:-1], key.shape[-2]), dtype=cdtype, device=dL.device)
-                    _add_rows(d_prior, rows, dense.scatter_(-1, index, dL.to(cdtype)))
+                    _add_rows(d_prior, rows, dense.scatter_(-1, index, dL))
+                dL = dL.to(query.dtype)
                 if need_q:
                     keys = _gather_rows(key, index)  # (B, H, q, k, d)
                     d_query[..., rows, :] = (dL.unsqueeze(-2) @ keys).squeeze(-2)
@@ -434,6 +450,14 @@ def _add_rows(d_prior: Tensor, rows: slice, dL: Tensor) -> None:
         target += sum_to_shape(dL, target.shape)
 
 
+def _broadcasts(tensor: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``tensor`` broadcasts to ``shape`` without enlarging it."""
+    try:
+        return tuple(torch.broadcast_shapes(tensor.shape, shape)) == tuple(shape)
+    except RuntimeError:
+        return False
+
+
 def entmax_attention(
     query: Tensor,
     key: Tensor,
@@ -481,11 +505,15 @@ def entmax_attention(
     batch, heads, n_queries, _ = query.shape
     n_keys = key.shape[-2]
     full = (batch, heads, n_queries, n_keys)
+    for name, tensor in (("mask", mask), ("log_prior", log_prior)):
+        if tensor is not None and not _broadcasts(tensor, full):
+            raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to the scores {full}")
     if mask is not None:
         mask = mask.expand(full)
-    if log_prior is not None:
-        torch.broadcast_shapes(log_prior.shape, full)
-    block = max(1, min(n_queries, block_elements // max(1, batch * heads * n_keys)))
+    if log_prior is not None and log_prior.dim() < 4:  # (K,), (Q, K), (H, Q, K): leading axes of size 1
+        log_prior = log_prior.reshape((1,) * (4 - log_prior.dim()) + tuple(log_prior.shape))
+    # at least _MIN_BLOCK_QUERIES queries per block: each block costs a few host synchronisations
+    block = min(n_queries, max(_MIN_BLOCK_QUERIES, block_elements // max(1, batch * heads * n_keys)))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     return EntmaxAttentionFunction.apply(
         query, key, value, mask, log_prior, scale, float(epsilon), alpha, max_iters, block, float(dropout)
