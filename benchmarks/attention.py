@@ -17,10 +17,10 @@ column-marginal error of 1e-6 on one head (at most 1000) are printed below each 
 
 Times are the best of ``--repeats`` interleaved runs (rows slower than ``--slow`` seconds run once),
 with the allocator's default settings.  "peak MiB" is the resident memory a forward+backward call adds
-on top of its inputs, measured after all timings: on Linux the process's peak RSS (``VmHWM``, reset
-through ``/proc/self/clear_refs`` before each call, with glibc's allocator then set to return every
-block of >= 64 KiB to the system, which would slow down the timed calls), on CUDA
-``torch.cuda.max_memory_allocated``.
+on top of its inputs, measured once per row in a second process (this script with ``--peaks-only``):
+on Linux the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` before each call,
+with glibc's allocator set to return every block of >= 64 KiB to the system, which would slow down
+timed calls), on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -217,11 +220,21 @@ def measure(rows: dict[str, Attention], q, k, v, repeats: int, slow: float) -> d
     return best
 
 
-def measure_peaks(rows: dict[str, Attention], q, k, v, results: dict[str, list[float]]) -> None:
-    """Fill in the peak MiB of every row: the larger of two forward+backward calls (a call can reuse pages
-    that the previous one left resident, which hides up to a few tens of MiB)."""
-    for label, fn in rows.items():
-        results[label][2] = max(_peak_mib(fn, q, k, v), _peak_mib(fn, q, k, v))
+def measure_peaks(rows: dict[str, Attention], q, k, v) -> dict[str, float]:
+    """label -> peak MiB of one forward+backward call."""
+    return {label: _peak_mib(fn, q, k, v) for label, fn in rows.items()}
+
+
+def peaks_in_subprocess(argv: list[str]) -> dict[str, dict[str, float]] | None:
+    """Peak MiB of every row and size, measured by this script in a fresh process (``--peaks-only``), whose
+    allocator returns freed blocks to the system from the start; None if that process fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "peaks.json")
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--peaks-only", path], check=False)
+        if done.returncode != 0:
+            return None
+        with open(path) as f:
+            return json.load(f)
 
 
 def iterations_to_tol(scores: torch.Tensor, max_iters: int = 1000) -> dict[str, str]:
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="+", default=None, metavar="LABEL", help="measure only these rows")
     parser.add_argument("--output", default=None, help="also append the report to this file")
+    parser.add_argument("--peaks-only", default=None, metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = [256], 1
@@ -289,18 +303,28 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(line)
 
     rows = {label: fn for label, (fn, _) in table.items()}
-    inputs, timings = {}, {}
-    for n in args.sizes:  # all timings first, with the allocator's defaults
+    inputs = {}
+    for n in args.sizes:
         torch.manual_seed(0)
         inputs[n] = tuple(torch.randn(args.batch, args.heads, n, args.dim, device=args.device) for _ in range(3))
-        timings[n] = measure(rows, *inputs[n], args.repeats, args.slow)
-    malloc_ok = args.device != "cpu" or _limit_malloc_caching()
+    if args.peaks_only:  # the child process of peaks_in_subprocess
+        if args.device == "cpu" and not _limit_malloc_caching():
+            sys.exit(1)
+        with open(args.peaks_only, "w") as f:
+            json.dump({str(n): measure_peaks(rows, *inputs[n]) for n in args.sizes}, f)
+        return
+    # timings with the allocator's defaults here, peaks in a fresh process
+    timings = {n: measure(rows, *inputs[n], args.repeats, args.slow) for n in args.sizes}
+    given = sys.argv[1:] if argv is None else list(argv)
+    peaks = peaks_in_subprocess(given)
+    malloc_ok = peaks is not None
     for n in args.sizes:
-        measure_peaks(rows, *inputs[n], timings[n])
+        for label in rows:
+            timings[n][label][2] = peaks[str(n)][label] if peaks else math.nan
 
     emit(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
          f"heads={args.heads} head_dim={args.dim} float32; best of {args.repeats} (rows over {args.slow:g} s: 1); "
-         f"peak RSS {'per call' if malloc_ok else 'unreliable (allocator caching)'}, measured after the timings")
+         f"peak RSS {'per call, in a fresh process' if malloc_ok else 'not measured'}")
     emit(f"command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     for n in args.sizes:
         q, k, v = inputs[n]

@@ -512,8 +512,10 @@ def entmax_attention(
         mask = mask.expand(full)
     if log_prior is not None and log_prior.dim() < 4:  # (K,), (Q, K), (H, Q, K): leading axes of size 1
         log_prior = log_prior.reshape((1,) * (4 - log_prior.dim()) + tuple(log_prior.shape))
-    # at least _MIN_BLOCK_QUERIES queries per block: each block costs a few host synchronisations
-    block = min(n_queries, max(_MIN_BLOCK_QUERIES, block_elements // max(1, batch * heads * n_keys)))
+    # about block_elements scores, at most a quarter of the queries (so that a block costs a fraction of the
+    # full scores' memory), and at least _MIN_BLOCK_QUERIES queries (each block costs host synchronisations)
+    per_block = min(block_elements // max(1, batch * heads * n_keys), -(-n_queries // 4))
+    block = min(n_queries, max(_MIN_BLOCK_QUERIES, per_block))
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     return EntmaxAttentionFunction.apply(
         query, key, value, mask, log_prior, scale, float(epsilon), alpha, max_iters, block, float(dropout)
