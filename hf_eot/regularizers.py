@@ -318,7 +318,9 @@ def _sparsemax_attention(
     dropout: float,
     epsilon: float,
 ) -> torch.Tensor:
-    """Fused sparsemax attention (:func:`hf_eot.ops.entmax_attention` at alpha = 2)."""
+    """Fused sparsemax attention (:func:`hf_eot.ops.entmax_attention` at alpha = 2) where it pays."""
+    if not ops.fused_pays(query, key):
+        return None
     return ops.entmax_attention(
         query, key, value, alpha=2.0, mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon, dropout=dropout
     )
@@ -364,9 +366,9 @@ def _entmax_attention(
     alpha: float | torch.Tensor,
     max_iters: int,
 ) -> torch.Tensor | None:
-    """Fused alpha-entmax attention for a number alpha in (1, 2]; None for a tensor (learned) alpha, whose
-    gradient needs the weights, and for alpha > 2."""
-    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0:
+    """Fused alpha-entmax attention for a number alpha in (1, 2] where it pays; None for short rows, a
+    tensor (learned) alpha, whose gradient needs the weights, and alpha > 2."""
+    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0 or not ops.fused_pays(query, key):
         return None
     return ops.entmax_attention(
         query, key, value, alpha=float(alpha), mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon,

@@ -6,7 +6,7 @@ fully masked rows give exactly 0 weights, half dtypes are computed in float32.
 """
 
 from .entmax import entmax15_weights, entmax_bisect_weights, entmax_newton_weights, entmax_weights
-from .sparse_attention import entmax_attention
+from .sparse_attention import entmax_attention, fused_pays
 from .ot import ot_weights
 from .priors import alibi_bias, alibi_slopes, relative_position_buckets
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn_weights
@@ -23,6 +23,7 @@ __all__ = [
     "entmax_bisect_weights",
     "entmax_newton_weights",
     "entmax_weights",
+    "fused_pays",
     "ot_weights",
     "relative_position_buckets",
     "sinkhorn_weights",

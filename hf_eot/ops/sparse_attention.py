@@ -40,7 +40,13 @@ from ._masking import compute_dtype, sum_to_shape
 from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold
 from .sparsemax import _partial_sort_threshold, _sparsemax_threshold
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention"]
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention", "fused_pays"]
+
+#: The fused map pays from about this many keys on; with fewer (e.g. 128 or 256 tokens) computing and
+#: storing the weights is faster, and they are small (``python benchmarks/fused_crossover.py``) ...
+FUSED_MIN_KEYS = 384
+#: ... or once the scores of a call would hold this many entries (1 GiB of float32), whatever the length.
+FUSED_MIN_SCORES = 2**28
 
 #: Score entries per block (all batches and heads together): 2**21 float32 = 8 MiB ...
 DEFAULT_BLOCK_ELEMENTS = 2**21
@@ -448,6 +454,13 @@ def _add_rows(d_prior: Tensor, rows: slice, dL: Tensor) -> None:
     else:
         target = d_prior[..., rows, :]
         target += sum_to_shape(dL, target.shape)
+
+
+def fused_pays(query: Tensor, key: Tensor) -> bool:
+    """Whether :func:`entmax_attention` beats computing the weights first for these shapes: long rows
+    (at least :data:`FUSED_MIN_KEYS` keys), or scores too large to store comfortably."""
+    n_keys = key.shape[-2]
+    return n_keys >= FUSED_MIN_KEYS or query.shape[:-1].numel() * n_keys >= FUSED_MIN_SCORES
 
 
 def _broadcasts(tensor: Tensor, shape: tuple[int, ...]) -> bool:

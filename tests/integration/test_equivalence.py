@@ -10,6 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import hf_eot
 from hf_eot.integration.attention import eot_attention_forward, eot_mask
+from hf_eot.ops import sparse_attention
 
 import _tiny as tiny
 
@@ -162,6 +163,7 @@ def test_fused_sparse_maps_equal_their_weights_path(
     fused_calls = []
     fused = hf_eot.ops.entmax_attention
     monkeypatch.setattr(hf_eot.ops, "entmax_attention", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(sparse_attention, "FUSED_MIN_KEYS", 0)  # tiny models: take the fused path anyway
 
     def configure(config):
         parts = ("encoder", "decoder") if (kind == "t5" and "prior" in params) else (None,)
@@ -215,3 +217,18 @@ def test_weights_are_returned_however_they_are_requested(kind: str, regularizer:
             sums = w.sum(-1)
             assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0)), group
     torch.testing.assert_close(next(iter(tiny.tensors(out).values())), next(iter(tiny.tensors(plain).values())))
+
+
+def test_short_rows_use_the_weights_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows shorter than FUSED_MIN_KEYS keys (here the tiny model's 9 tokens) use the weights path, which is
+    faster there; from that length on, the fused path."""
+    calls = []
+    fused = hf_eot.ops.entmax_attention
+    monkeypatch.setattr(hf_eot.ops, "entmax_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = tiny.model("bert", "eot", configure=lambda c: hf_eot.configure(c, "sparsemax"))
+    with torch.no_grad():
+        model(**tiny.inputs("bert"))
+        assert not calls
+        monkeypatch.setattr(sparse_attention, "FUSED_MIN_KEYS", 9)
+        model(**tiny.inputs("bert"))
+        assert calls
