@@ -307,6 +307,8 @@ register_regularizer(
         is_sdpa=True,
     )
 )
+
+
 def _sparsemax_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -317,7 +319,7 @@ def _sparsemax_attention(
     scale: float,
     dropout: float,
     epsilon: float,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Fused sparsemax attention (:func:`hf_eot.ops.entmax_attention` at alpha = 2) where it pays."""
     if not ops.fused_pays(query, key):
         return None

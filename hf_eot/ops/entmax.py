@@ -133,9 +133,7 @@ def _shifted_scaled_rows(logits: Tensor, am1: Tensor | float, mask: Tensor | Non
     return X.mul_(am1).clamp_(min=-1.0), row_valid
 
 
-def _entmax_newton_threshold(
-    X: Tensor, am1: Tensor | float, d: Tensor | float, max_iters: int, start: Tensor | None = None
-) -> Tensor:
+def _entmax_newton_threshold(X: Tensor, am1: Tensor | float, d: Tensor | float, max_iters: int) -> Tensor:
     """Core: ``tau`` ``(..., Q, 1)`` with ``sum_j [X_j - tau]_+^r = 1``, ``r = 1 / (alpha - 1)``.
 
     Newton's method on ``phi(tau) = ||[X - tau]_+||_r - 1`` rather than on the sum itself: for a
@@ -150,15 +148,14 @@ def _entmax_newton_threshold(
     the previous step (cycles); there ``p`` is not Lipschitz in ``tau``, so those rows iterate until
     the step is a few ulps (about as many steps as bisection).  The other rows stop once their step
     is below ``eps^(2/3)`` (the error left is then ``O(eps^(4/3))`` by the quadratic convergence);
-    all stop after ``max_iters`` steps; ``p`` is renormalised.
+    all stop after ``max_iters`` steps.
 
     X: ``(..., Q, K)`` from :func:`_shifted_scaled_rows`; am1 = alpha - 1 (float or ``(..., Q, 1)``);
-    d: number of allowed keys (float or ``(..., Q, 1)``); start: a lower bound of ``tau`` to start from
-    instead of -1 (``phi(start) >= 0``, e.g. the threshold of a subset of each row's entries).
+    d: number of allowed keys (float or ``(..., Q, 1)``).
     """
     r = 1.0 / am1
     rm1 = r - 1.0  # = (2 - alpha) / (alpha - 1), the exponent of p^{2 - alpha} in t
-    lo = torch.full_like(X[..., :1], -1.0) if start is None else start  # (..., Q, 1)
+    lo = torch.full_like(X[..., :1], -1.0)  # (..., Q, 1)
     hi = -torch.pow(torch.as_tensor(d, dtype=X.dtype, device=X.device), -am1).expand_as(lo)
     hi = torch.maximum(hi, lo)
     tau = lo
@@ -173,7 +170,7 @@ def _entmax_newton_threshold(
     q = torch.empty_like(X)
     for it in range(max_iters):
         torch.sub(X, tau, out=t)
-        if it > 0 or start is not None:  # X >= -1 = tau at the default start
+        if it > 0:  # X >= -1 = tau at the start
             t.clamp_(min=0.0)
         torch.pow(t, rm1, out=q)
         if not isinstance(rm1, float) or rm1 <= 0:  # 0^0 = 1, 0^(negative) = inf outside the support
@@ -199,17 +196,12 @@ def _entmax_newton_threshold(
     return tau
 
 
-def _entmax_from_threshold(X: Tensor, tau: Tensor, am1: Tensor | float) -> tuple[Tensor, Tensor]:
-    """``p = [X - tau]_+^{1/(alpha-1)}`` renormalised, and its pre-normalisation row sums ``(..., Q, 1)``."""
-    p = torch.sub(X, tau).clamp_(min=0.0).pow_(1.0 / am1)
-    total = p.sum(dim=-1, keepdim=True)
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    return p.div_(total), total
-
-
 def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, max_iters: int) -> Tensor:
-    """``p`` from :func:`_entmax_newton_threshold` (same arguments), renormalised to sum 1."""
-    return _entmax_from_threshold(X, _entmax_newton_threshold(X, am1, d, max_iters), am1)[0]
+    """``p = [X - tau]_+^{1/(alpha-1)}`` with ``tau`` from :func:`_entmax_newton_threshold` (same
+    arguments), renormalised to sum 1."""
+    p = torch.sub(X, _entmax_newton_threshold(X, am1, d, max_iters)).clamp_(min=0.0).pow_(1.0 / am1)
+    total = p.sum(dim=-1, keepdim=True)
+    return p.div_(torch.where(total > 0, total, torch.ones_like(total)))
 
 
 class EntmaxNewtonFunction(torch.autograd.Function):

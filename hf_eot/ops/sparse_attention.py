@@ -136,9 +136,10 @@ def _power(t: Tensor, alpha: float) -> Tensor:
 def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Tensor | None, Tensor]:
     """Threshold from the sorted-decreasing top entries ``V`` ``(R, k)`` of rows of max 0.
 
-    Returns ``(tau, total, exact)`` ``(R, 1)`` (``total`` None for the exact maps): ``exact`` says the support lies in ``V`` (then ``tau`` is
-    the row's threshold): fewer than ``k`` entries in the support, or ``V`` holds every entry above the
-    floor (sort-based rules); the last entry of ``V`` at or below ``tau`` (Newton).
+    Returns ``(tau, total, exact)`` ``(R, 1)`` (``total`` None for the exact maps): ``exact`` says the
+    support lies in ``V`` (then ``tau`` is the row's threshold): fewer than ``k`` entries in the support,
+    or ``V`` holds every entry above the floor (sort-based rules); the last entry of ``V`` at or below
+    ``tau`` (Newton).
     """
     k = V.shape[-1]
     if alpha in (1.5, 2.0):
