@@ -26,6 +26,7 @@ Shared conventions (see :mod:`hf_eot.ops`):
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -285,6 +286,29 @@ def _logits(scores: torch.Tensor, log_prior: torch.Tensor | None, epsilon: float
 # softmax, sparsemax, entmax: row-wise maps of scores / epsilon + log_prior
 
 
+def _entmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    log_prior: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout: float,
+    epsilon: float,
+    alpha: float | torch.Tensor,
+    max_iters: int,
+) -> torch.Tensor | None:
+    """Fused alpha-entmax attention (sparsemax at alpha = 2) for a number alpha in (1, 2] where it pays;
+    None for short rows, a tensor (learned) alpha, whose gradient needs the weights, and alpha > 2."""
+    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0 or not ops.fused_pays(query, key):
+        return None
+    return ops.entmax_attention(
+        query, key, value, alpha=float(alpha), mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon,
+        max_iters=max_iters, dropout=dropout,
+    )
+
+
 def _softmax(
     scores: torch.Tensor, mask: torch.Tensor | None, log_prior: torch.Tensor | None, *, epsilon: float
 ) -> WeightsOutput:
@@ -309,31 +333,12 @@ register_regularizer(
 )
 
 
-def _sparsemax_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    log_prior: torch.Tensor | None,
-    *,
-    scale: float,
-    dropout: float,
-    epsilon: float,
-) -> torch.Tensor | None:
-    """Fused sparsemax attention (:func:`hf_eot.ops.entmax_attention` at alpha = 2) where it pays."""
-    if not ops.fused_pays(query, key):
-        return None
-    return ops.entmax_attention(
-        query, key, value, alpha=2.0, mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon, dropout=dropout
-    )
-
-
 register_regularizer(
     Regularizer(
         name="sparsemax",
         params=(EPSILON, PRIOR),
         weights=_sparsemax,
-        attention=_sparsemax_attention,
+        attention=functools.partial(_entmax_attention, alpha=2.0, max_iters=1),  # max_iters: unused at 2
     )
 )
 
@@ -353,29 +358,6 @@ def _entmax(
     """``Omega = epsilon (sum_j p_j^alpha - 1) / (alpha (alpha - 1))`` (Tsallis; Peters et al. 2019, eq. (9))."""
     logits = _logits(scores, log_prior, epsilon)
     return WeightsOutput(ops.entmax_weights(logits, alpha, mask, max_iters=max_iters))
-
-
-def _entmax_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    log_prior: torch.Tensor | None,
-    *,
-    scale: float,
-    dropout: float,
-    epsilon: float,
-    alpha: float | torch.Tensor,
-    max_iters: int,
-) -> torch.Tensor | None:
-    """Fused alpha-entmax attention for a number alpha in (1, 2] where it pays; None for short rows, a
-    tensor (learned) alpha, whose gradient needs the weights, and alpha > 2."""
-    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0 or not ops.fused_pays(query, key):
-        return None
-    return ops.entmax_attention(
-        query, key, value, alpha=float(alpha), mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon,
-        max_iters=max_iters, dropout=dropout,
-    )
 
 
 def _entmax_check(params: Mapping[str, Any]) -> None:
