@@ -157,7 +157,7 @@ def _limit_malloc_caching() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 64 * 1024))  # MMAP/TRIM threshold
-        libc.malloc_trim(0)  # release what the timed calls left cached
+        libc.malloc_trim(0)  # release what start-up left cached
         return ok
     except OSError:
         return False

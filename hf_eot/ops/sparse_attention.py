@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from ._masking import compute_dtype, sum_to_shape
 from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold
-from .sparsemax import _partial_sort_threshold, _sparsemax_threshold
+from .sparsemax import ThresholdFn, _partial_sort_threshold, _sparsemax_threshold
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention", "fused_pays"]
 
@@ -99,12 +99,11 @@ def _block_logits(
     return logits
 
 
-def _row_max(logits: Tensor, mask: Tensor | None) -> Tensor:
-    """Row maximum over the allowed keys ``(..., q, 1)``; 0 for a fully masked row."""
-    if mask is None:
-        return logits.amax(dim=-1, keepdim=True)
-    m = logits.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+def _row_max(logits: Tensor, masked: bool) -> Tensor:
+    """Row maximum ``(..., q, 1)`` of logits whose masked keys are already -inf; with a mask, 0 for a fully
+    masked row (without one, a row of -inf logits keeps -inf and gives NaN, as the weights path does)."""
+    m = logits.amax(dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)) if masked else m
 
 
 def _floor(alpha: float) -> float:
@@ -133,6 +132,17 @@ def _power(t: Tensor, alpha: float) -> Tensor:
     return t.pow(1.0 / (alpha - 1.0))
 
 
+def _sort_rule(alpha: float) -> ThresholdFn:
+    """The sort-based threshold rule of the exact maps (alpha = 2 or 1.5)."""
+    return _sparsemax_threshold if alpha == 2.0 else _entmax15_threshold
+
+
+def _newton_total(X: Tensor, tau: Tensor, alpha: float) -> Tensor:
+    """Newton's normaliser ``Z = sum_j [X_j - tau]_+^{1/(alpha-1)}`` ``(..., 1)``, 1 where it is 0."""
+    total = _power(torch.sub(X, tau).clamp_(min=0.0), alpha).sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, total, torch.ones_like(total))
+
+
 def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Tensor | None, Tensor]:
     """Threshold from the sorted-decreasing top entries ``V`` ``(R, k)`` of rows of max 0.
 
@@ -143,12 +153,10 @@ def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Ten
     """
     k = V.shape[-1]
     if alpha in (1.5, 2.0):
-        rule = _sparsemax_threshold if alpha == 2.0 else _entmax15_threshold
-        tau, support = rule(V)
+        tau, support = _sort_rule(alpha)(V)
         return tau, None, (support < k) | (V[:, -1:] <= -1.0)
     tau = _entmax_newton_threshold(V, alpha - 1.0, float(k), max_iters)
-    total = _power(torch.sub(V, tau).clamp_(min=0.0), alpha).sum(dim=-1, keepdim=True)
-    return tau, torch.where(total > 0, total, torch.ones_like(total)), V[:, -1:] <= tau
+    return tau, _newton_total(V, tau, alpha), V[:, -1:] <= tau
 
 
 def _top_support(
@@ -164,13 +172,7 @@ def _top_support(
         if k_try > _TOP_K_FRACTION * logits.shape[-1]:
             return None
         V, index = torch.topk(logits, k_try, dim=-1, sorted=True)
-        row_max = V[:, :1].clone()  # not a view: V is shifted in place
-        if masked:
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        X = V.sub_(row_max)
-        if alpha != 2.0:
-            X.mul_(alpha - 1.0)
-        X.clamp_(min=_floor(alpha))
+        X = _shifted(V, None, _row_max(V[:, :1], masked), alpha)  # _row_max copies: V is shifted in place
         tau, total, exact = _top_threshold(X, alpha, max_iters)
         if bool(exact.all()):
             P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
@@ -184,13 +186,11 @@ def _dense_threshold(
     """The exact threshold of every row of ``X`` ``(B, H, q, K)`` over all keys, and Newton's normaliser."""
     shape = (*X.shape[:-1], 1)
     if alpha in (1.5, 2.0):
-        rule = _sparsemax_threshold if alpha == 2.0 else _entmax15_threshold
-        tau = _partial_sort_threshold(X.reshape(-1, X.shape[-1]), rule, support_hint)[0]
+        tau = _partial_sort_threshold(X.reshape(-1, X.shape[-1]), _sort_rule(alpha), support_hint)[0]
         return tau.reshape(shape), None
     allowed = float(X.shape[-1]) if mask is None else mask.sum(dim=-1, keepdim=True).clamp_(min=1).to(X.dtype)
     tau = _entmax_newton_threshold(X, alpha - 1.0, allowed, max_iters)
-    total = _power(torch.sub(X, tau).clamp_(min=0.0), alpha).sum(dim=-1, keepdim=True)
-    return tau, torch.where(total > 0, total, torch.ones_like(total))
+    return tau, _newton_total(X, tau, alpha)
 
 
 def _dense_weights(
@@ -234,20 +234,23 @@ def _scattered(buffer: Tensor, index: Tensor, weights: Tensor) -> Tensor:
     return dense.zero_().scatter_(-1, index, weights)
 
 
+def _flat_index(index: Tensor, rows: Tensor) -> Tensor:
+    """Key indices ``(B, H, q, k)`` into ``rows`` ``(B, H, K, d)`` as indices into its ``(B H K, d)`` view."""
+    batch, heads, n_keys, _ = rows.shape
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * n_keys
+    return (index + offsets).reshape(-1)
+
+
 def _gather_rows(source: Tensor, index: Tensor) -> Tensor:
     """``source[b, h, index[b, h, i, j], :]`` ``(B, H, q, k, d)`` from ``source`` ``(B, H, K, d)``."""
-    batch, heads, n_keys, dim = source.shape
-    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * n_keys
-    flat = (index + offsets).reshape(-1)
-    return source.reshape(-1, dim).index_select(0, flat).view(*index.shape, dim)
+    dim = source.shape[-1]
+    return source.reshape(-1, dim).index_select(0, _flat_index(index, source)).view(*index.shape, dim)
 
 
 def _scatter_rows(target: Tensor, index: Tensor, rows: Tensor) -> None:
     """``target[b, h, index[b, h, i, j], :] += rows[b, h, i, j, :]`` for ``target`` ``(B, H, K, d)``."""
-    batch, heads, n_keys, dim = target.shape
-    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * n_keys
-    flat = (index + offsets).reshape(-1)
-    target.view(-1, dim).index_add_(0, flat, rows.reshape(-1, dim).to(target.dtype))
+    dim = target.shape[-1]
+    target.view(-1, dim).index_add_(0, _flat_index(index, target), rows.reshape(-1, dim).to(target.dtype))
 
 
 class EntmaxAttentionFunction(torch.autograd.Function):
@@ -307,7 +310,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                     out[..., rows, :] = _scattered(logits, index, dropped) @ value
                 blocks.append(_SparseBlock(rows, P, index, keep, gather))
             else:
-                row_max = _row_max(logits, mask_b)
+                row_max = _row_max(logits, mask_b is not None)
                 X = _shifted(logits, mask_b, row_max, alpha)
                 tau, total = _dense_threshold(X, mask_b, alpha, max_iters, support)
                 P, _ = _dense_weights(X, tau, total, row_valid, alpha)
