@@ -105,12 +105,48 @@ def num_threads_note() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def previous_runs(output_dir: str | os.PathLike, resume: bool) -> list[dict]:
-    """The runs of an earlier invocation (``<output_dir>/results.json``) when resuming, else []."""
-    path = Path(output_dir) / "results.json"
-    if not resume or not path.is_file():
-        return []
-    return list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+def add_resume_arguments(parser, pair: str) -> None:
+    """``--resume`` and ``--runs-from``: keep finished runs, keyed by ``pair`` (e.g. "(variant, seed)")."""
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"keep the runs of <output-dir>/results.json and skip those {pair} pairs",
+    )
+    parser.add_argument(
+        "--runs-from",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help=f"also keep the runs of DIR/results.json and skip those {pair} pairs: seeds or variants run by "
+        "other processes (one output dir each), summarised together here",
+    )
+
+
+def previous_runs(
+    output_dir: str | os.PathLike, resume: bool, runs_from: Sequence[str | os.PathLike] = (), key=("variant", "seed")
+) -> list[dict]:
+    """The runs of ``<output_dir>/results.json`` when resuming, and those of every ``<dir>/results.json``
+    in ``runs_from`` (each must exist); a ``key`` pair found in two of these files is an error."""
+    paths = [Path(output_dir) / "results.json"] if resume else []
+    for folder in runs_from:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--runs-from {folder}: no results.json there")
+        paths.append(path)
+    runs: list[dict] = []
+    source: dict[tuple, Path] = {}
+    for path in paths:
+        if not path.is_file():  # --resume with nothing run yet
+            continue
+        for run in json.loads(path.read_text(encoding="utf-8")).get("runs", []):
+            k = tuple(run[name] for name in key)
+            if k in source:
+                if source[k] == path:
+                    continue
+                raise ValueError(f"run {dict(zip(key, k, strict=True))} is in both {source[k]} and {path}; keep one")
+            source[k] = path
+            runs.append(run)
+    return runs
 
 
 def training_arguments(cls, args, output_dir, seed: int, **settings):

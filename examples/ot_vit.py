@@ -80,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-cards-dir", default=None, help="also write the summary card here (e.g. model_cards/)"
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs of <output-dir>/results.json and skip those (variant, seed) pairs",
-    )
+    _common.add_resume_arguments(p, "(variant, seed)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx files")
     p.add_argument("--eval-batch-size", type=int, default=1024)
     p.add_argument("--logging-steps", type=int, default=200)
@@ -323,7 +319,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.set_threads(args.threads)
     data = load_data(args)
-    runs, trainers = previous_runs(args.output_dir, args.resume), {}
+    runs, trainers = previous_runs(args.output_dir, args.resume, args.runs_from), {}
     done = {(r["variant"], r["seed"]) for r in runs}
     for variant in args.variants:
         for seed in args.seeds:

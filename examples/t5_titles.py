@@ -31,6 +31,7 @@ the only position information. Generation is greedy with the KV cache; the scrip
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -92,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs of <output-dir>/results.json and skip those (variant, seed) pairs",
-    )
+    _common.add_resume_arguments(p, "(variant, seed)")
     p.add_argument("--output-dir", default="runs/t5")
     p.add_argument(
         "--save-dir", default=None, help="save the last seed's model of each variant under this folder"
@@ -355,7 +352,7 @@ def main(argv=None) -> dict:
     tokenizer = ByT5Tokenizer()
     tokenized, raw = load_data(args, tokenizer)
     metric = TASKS[args.task][0]
-    old = previous_runs(args.output_dir, args.resume)
+    old = previous_runs(args.output_dir, args.resume, args.runs_from)
     runs, trainers = list(old), {}
     done = {(r["variant"], r["seed"]) for r in runs}
     for variant in args.variants:
@@ -372,13 +369,10 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
     summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
-    examples = {}
-    if args.resume and (Path(args.output_dir) / "results.json").is_file():
-        import json
-
-        examples = json.loads((Path(args.output_dir) / "results.json").read_text()).get(
-            "generate_examples", {}
-        )
+    examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
+    for folder in ([args.output_dir] if args.resume else []) + list(args.runs_from):
+        if (Path(folder) / "results.json").is_file():
+            examples |= json.loads((Path(folder) / "results.json").read_text()).get("generate_examples", {})
     if is_main_process():
         sources, refs = (x[:4] for x in raw["test"])
         sources = [s[: args.source_bytes] for s in sources]

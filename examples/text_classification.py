@@ -82,11 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CPU autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save each fine-tuned model (about 90 MB each)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs of <output-dir>/results.json and skip those (regularizer, seed) pairs",
-    )
+    _common.add_resume_arguments(p, "(regularizer, seed)")
     p.add_argument("--output-dir", default="runs/text_classification")
     p.add_argument(
         "--model-cards-dir", default=None, help="also write the summary card here (e.g. model_cards/)"
@@ -219,7 +215,8 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, names = load_data(args, tokenizer)
 
-    runs, last_models = previous_runs(args.output_dir, args.resume), {}
+    runs = previous_runs(args.output_dir, args.resume, args.runs_from, key=("regularizer", "seed"))
+    last_models = {}
     done = {(r["regularizer"], r["seed"]) for r in runs}
     for spec in args.regularizers:
         for seed in args.seeds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,30 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     out = subprocess.run([sys.executable, "-c", script, str(EXAMPLES)], capture_output=True, text=True, check=True)
     pages_per_step = 4 * (16 << 20) // resource.getpagesize()
     assert int(out.stdout) < 2 * pages_per_step  # at most about one step's worth in ten
+
+
+def _write_runs(folder: Path, runs: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"runs": runs}))
+    return folder
+
+
+def test_previous_runs_keeps_resumed_and_other_folders_runs_in_order(tmp_path):
+    own = _write_runs(tmp_path / "own", [{"variant": "vit", "seed": 0, "accuracy": 0.5}])
+    other = _write_runs(tmp_path / "other", [{"variant": "vit", "seed": 1, "accuracy": 0.6}])
+    runs = _common.previous_runs(own, True, [other])
+    assert [(r["seed"], r["accuracy"]) for r in runs] == [(0, 0.5), (1, 0.6)]
+    assert _common.previous_runs(own, False, [other]) == runs[1:]  # without --resume its own are redone
+    assert _common.previous_runs(tmp_path / "new", True) == []  # resuming before anything ran
+
+
+def test_previous_runs_refuses_a_run_kept_twice_and_a_missing_folder(tmp_path):
+    a = _write_runs(tmp_path / "a", [{"regularizer": "ot", "seed": 2, "accuracy": 0.5}])
+    b = _write_runs(tmp_path / "b", [{"regularizer": "ot", "seed": 2, "accuracy": 0.7}])
+    with pytest.raises(ValueError, match=r"'regularizer': 'ot', 'seed': 2.* in both"):
+        _common.previous_runs(a, True, [b], key=("regularizer", "seed"))
+    with pytest.raises(FileNotFoundError, match="--runs-from .*missing: no results.json"):
+        _common.previous_runs(a, True, [tmp_path / "missing"], key=("regularizer", "seed"))
 
 
 def test_pad_sequences_right_pads_and_truncates():

@@ -69,6 +69,19 @@ def test_ot_vit_smoke(tmp_path, monkeypatch):
     assert model.config.eot_attention["overrides"][-1]["regularizer"] == "ot"
     assert "eot-ot" in _card(tmp_path / "ckpt" / "ot-vit-fashion-mnist" / "README.md")
 
+    # A seed run by another process (its own output dir) joins the summary; nothing is trained again.
+    quick = ["--quick", "--train-size", "40", "--test-size", "20", "--batch-size", "20"]
+    other = ot_vit.main([*quick, "--variants", "vit", "--seeds", "1", "--output-dir", str(tmp_path / "other")])
+    both = ot_vit.main([
+        *quick, "--variants", "vit", "--seeds", "0", "1", "--resume", "--runs-from", str(tmp_path / "other"),
+        "--output-dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    def vit_runs(runs):
+        return [(r["seed"], r["accuracy"], r["train_seconds"]) for r in runs if r["variant"] == "vit"]
+
+    assert vit_runs(both["runs"]) == vit_runs(out["runs"] + other["runs"])  # the stored runs, not retrained
+    assert both["summary"]["vit"]["n"] == 2
+
 
 @pytest.mark.slow
 def test_t5_titles_smoke(tmp_path):
