@@ -123,7 +123,10 @@ def add_resume_arguments(parser, pair: str) -> None:
 
 
 def previous_runs(
-    output_dir: str | os.PathLike, resume: bool, runs_from: Sequence[str | os.PathLike] = (), key=("variant", "seed")
+    output_dir: str | os.PathLike,
+    resume: bool,
+    runs_from: Sequence[str | os.PathLike] = (),
+    key: tuple[str, ...] = ("variant", "seed"),
 ) -> list[dict]:
     """The runs of ``<output_dir>/results.json`` when resuming, and those of every ``<dir>/results.json``
     in ``runs_from`` (each must exist); a ``key`` pair found in two of these files is an error."""
@@ -143,7 +146,8 @@ def previous_runs(
             if k in source:
                 if source[k] == path:
                     continue
-                raise ValueError(f"run {dict(zip(key, k, strict=True))} is in both {source[k]} and {path}; keep one")
+                run_id = dict(zip(key, k, strict=True))
+                raise ValueError(f"run {run_id} is in both {source[k]} and {path}; keep one")
             source[k] = path
             runs.append(run)
     return runs

@@ -71,9 +71,9 @@ def test_ot_vit_smoke(tmp_path, monkeypatch):
 
     # A seed run by another process (its own output dir) joins the summary; nothing is trained again.
     quick = ["--quick", "--train-size", "40", "--test-size", "20", "--batch-size", "20"]
-    other = ot_vit.main([*quick, "--variants", "vit", "--seeds", "1", "--output-dir", str(tmp_path / "other")])
+    other = ot_vit.main([*quick, "--variants", "vit", "--seeds", "1", "--output-dir", str(tmp_path / "o")])
     both = ot_vit.main([
-        *quick, "--variants", "vit", "--seeds", "0", "1", "--resume", "--runs-from", str(tmp_path / "other"),
+        *quick, "--variants", "vit", "--seeds", "0", "1", "--resume", "--runs-from", str(tmp_path / "o"),
         "--output-dir", str(tmp_path / "run"),
     ])  # fmt: skip
     def vit_runs(runs):
