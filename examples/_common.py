@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
+import platform
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,9 +82,12 @@ def is_main_process() -> bool:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file, so that another process never reads half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def summarize(runs: list[dict], group: str, metric: str) -> dict[str, dict[str, Any]]:
@@ -122,35 +127,53 @@ def add_resume_arguments(parser, pair: str) -> None:
     )
 
 
+#: Arguments that may differ between the processes whose runs are summarised together: which runs each
+#: made, where it wrote, how it ran.  Any other difference means another protocol, and is refused.
+PER_PROCESS_ARGUMENTS = frozenset({
+    "seeds", "variants", "regularizers", "output_dir", "resume", "runs_from", "save_dir", "save_model",
+    "model_cards_dir", "threads", "logging_steps", "eval_batch_size", "data_dir",
+})  # fmt: skip
+
+
 def previous_runs(
-    output_dir: str | os.PathLike,
-    resume: bool,
-    runs_from: Sequence[str | os.PathLike] = (),
-    key: tuple[str, ...] = ("variant", "seed"),
+    args: argparse.Namespace, key: tuple[str, ...] = ("variant", "seed")
 ) -> list[dict]:
-    """The runs of ``<output_dir>/results.json`` when resuming, and those of every ``<dir>/results.json``
-    in ``runs_from`` (each must exist); a ``key`` pair found in two of these files is an error."""
-    paths = [Path(output_dir) / "results.json"] if resume else []
-    for folder in runs_from:
+    """The runs to keep: those of ``<args.output_dir>/results.json`` with ``--resume``, and those of every
+    ``<dir>/results.json`` of ``--runs-from`` (each must exist).
+
+    A folder made with other settings than ``args`` (apart from :data:`PER_PROCESS_ARGUMENTS`) is refused,
+    as is a ``key`` pair whose runs differ between files; the same run found twice (e.g. copied into
+    this output dir by an earlier summary) is kept once.
+    """
+    paths = [Path(args.output_dir) / "results.json"] if args.resume else []
+    for folder in args.runs_from:
         path = Path(folder) / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"--runs-from {folder}: no results.json there")
         paths.append(path)
-    runs: list[dict] = []
+    current = json.loads(json.dumps(vars(args), default=str))  # as a results file records them
+    runs: dict[tuple, dict] = {}
     source: dict[tuple, Path] = {}
-    for path in paths:
+    for path in dict.fromkeys(p.resolve() for p in paths):
         if not path.is_file():  # --resume with nothing run yet
             continue
-        for run in json.loads(path.read_text(encoding="utf-8")).get("runs", []):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        recorded = saved.get("args", {})
+        differ = sorted(
+            name for name in recorded.keys() & current.keys() - PER_PROCESS_ARGUMENTS
+            if recorded[name] != current[name]
+        )  # fmt: skip
+        if differ:
+            details = ", ".join(f"{n}={recorded[n]!r} there, {current[n]!r} here" for n in differ)
+            raise ValueError(f"{path} holds runs of other settings ({details}); summarise like with like")
+        for run in saved.get("runs", []):
             k = tuple(run[name] for name in key)
-            if k in source:
-                if source[k] == path:
-                    continue
+            if k in runs and runs[k] != run:
                 run_id = dict(zip(key, k, strict=True))
-                raise ValueError(f"run {run_id} is in both {source[k]} and {path}; keep one")
-            source[k] = path
-            runs.append(run)
-    return runs
+                raise ValueError(f"run {run_id} differs between {source[k]} and {path}; keep one of them")
+            runs.setdefault(k, run)
+            source.setdefault(k, path)
+    return list(runs.values())
 
 
 def training_arguments(cls, args, output_dir, seed: int, **settings):
@@ -224,24 +247,24 @@ def set_threads(n: int) -> None:
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 32 MiB for reuse; False where it is not glibc.
+    """Ask glibc's malloc to keep freed memory for reuse (``mallopt``); False where that is not possible.
 
     By default glibc hands large freed blocks back to the kernel (``munmap``, or trimming the heap top),
     so a training loop that allocates the same activations every step page-faults them in again, each
-    page zeroed by the kernel: on the OT-ViT example this was a fifth of the CPU time (``perf``:
-    ``clear_page``, ``exc_page_fault``).  32 MiB is the largest mmap threshold glibc accepts.
+    page zeroed by the kernel (``perf record -g -p <pid>`` on the OT-ViT example: ``clear_page`` and
+    ``exc_page_fault`` at a fifth of the samples).  Blocks up to glibc's largest mmap threshold (32 MiB on
+    64-bit) then come from the heap, and up to 1 GiB of free heap top is kept instead of trimmed.
     """
-    if sys.platform != "linux":
+    if platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
         return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return all(
-        libc.mallopt(option, value) == 1
-        for option, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20))
-    )
+    largest_mmap_threshold = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's HEAP_MAX_SIZE / 2
+    settings = ((m_mmap_threshold, largest_mmap_threshold), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20))
+    return all([mallopt(option, value) == 1 for option, value in settings])  # a list: set every option
 
 
 class TensorDataset(torch.utils.data.Dataset):

@@ -318,8 +318,8 @@ def paired_difference(runs: list[dict], a: str, b: str) -> dict | None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.set_threads(args.threads)
+    runs, trainers = previous_runs(args), {}
     data = load_data(args)
-    runs, trainers = previous_runs(args.output_dir, args.resume, args.runs_from), {}
     done = {(r["variant"], r["seed"]) for r in runs}
     for variant in args.variants:
         for seed in args.seeds:

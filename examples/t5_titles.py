@@ -350,10 +350,9 @@ def main(argv=None) -> dict:
     from transformers import ByT5Tokenizer
 
     tokenizer = ByT5Tokenizer()
+    runs, trainers = previous_runs(args), {}
     tokenized, raw = load_data(args, tokenizer)
     metric = TASKS[args.task][0]
-    old = previous_runs(args.output_dir, args.resume, args.runs_from)
-    runs, trainers = list(old), {}
     done = {(r["variant"], r["seed"]) for r in runs}
     for variant in args.variants:
         for seed in args.seeds:
@@ -372,7 +371,8 @@ def main(argv=None) -> dict:
     examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
     for folder in ([args.output_dir] if args.resume else []) + list(args.runs_from):
         if (Path(folder) / "results.json").is_file():
-            examples |= json.loads((Path(folder) / "results.json").read_text()).get("generate_examples", {})
+            saved = json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
+            examples |= saved.get("generate_examples", {})
     if is_main_process():
         sources, refs = (x[:4] for x in raw["test"])
         sources = [s[: args.source_bytes] for s in sources]

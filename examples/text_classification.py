@@ -211,12 +211,11 @@ def main(argv=None) -> dict:
     _common.set_threads(args.threads)
     from transformers import AutoTokenizer
 
+    runs, last_models = previous_runs(args, key=("regularizer", "seed")), {}
     model_path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, names = load_data(args, tokenizer)
 
-    runs = previous_runs(args.output_dir, args.resume, args.runs_from, key=("regularizer", "seed"))
-    last_models = {}
     done = {(r["regularizer"], r["seed"]) for r in runs}
     for spec in args.regularizers:
         for seed in args.seeds:
