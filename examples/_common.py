@@ -135,6 +135,18 @@ PER_PROCESS_ARGUMENTS = frozenset({
 })  # fmt: skip
 
 
+def kept_results_files(args: argparse.Namespace) -> list[Path]:
+    """The ``results.json`` files whose runs are kept: ``<args.output_dir>``'s with ``--resume`` (if it
+    exists yet), then every ``--runs-from`` folder's (each must exist); each file once."""
+    paths = [Path(args.output_dir) / "results.json"] if args.resume else []
+    for folder in args.runs_from:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--runs-from {folder}: no results.json there")
+        paths.append(path)
+    return [p for p in dict.fromkeys(p.resolve() for p in paths) if p.is_file()]
+
+
 def previous_runs(
     args: argparse.Namespace, key: tuple[str, ...] = ("variant", "seed")
 ) -> list[dict]:
@@ -145,18 +157,10 @@ def previous_runs(
     as is a ``key`` pair whose runs differ between files; the same run found twice (e.g. copied into
     this output dir by an earlier summary) is kept once.
     """
-    paths = [Path(args.output_dir) / "results.json"] if args.resume else []
-    for folder in args.runs_from:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--runs-from {folder}: no results.json there")
-        paths.append(path)
     current = json.loads(json.dumps(vars(args), default=str))  # as a results file records them
     runs: dict[tuple, dict] = {}
     source: dict[tuple, Path] = {}
-    for path in dict.fromkeys(p.resolve() for p in paths):
-        if not path.is_file():  # --resume with nothing run yet
-            continue
+    for path in kept_results_files(args):
         saved = json.loads(path.read_text(encoding="utf-8"))
         recorded = saved.get("args", {})
         differ = sorted(

@@ -369,10 +369,8 @@ def main(argv=None) -> dict:
                 )
     summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
     examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
-    for folder in ([args.output_dir] if args.resume else []) + list(args.runs_from):
-        if (Path(folder) / "results.json").is_file():
-            saved = json.loads((Path(folder) / "results.json").read_text(encoding="utf-8"))
-            examples |= saved.get("generate_examples", {})
+    for path in _common.kept_results_files(args):
+        examples |= json.loads(path.read_text(encoding="utf-8")).get("generate_examples", {})
     if is_main_process():
         sources, refs = (x[:4] for x in raw["test"])
         sources = [s[: args.source_bytes] for s in sources]
