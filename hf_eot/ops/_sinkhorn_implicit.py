@@ -121,6 +121,18 @@ class _ScalingOps:
         kmin = self.kb if self.mask is None else torch.where(self.mask, self.kb, 1.0)
         return bool(kmin.amin() >= torch.finfo(self.kb.dtype).tiny ** 0.75) if kmin.numel() else True
 
+    def scaling_bound(self) -> float:
+        """Bound on the log-scalings ``c + f`` and ``d + g``: their exponentials, and products of two of
+        them, stay within the kernel dtype's range."""
+        return 0.5 * math.log(torch.finfo(self.kb.dtype).max)
+
+    def in_range(self, f: Tensor, g: Tensor) -> bool:
+        """Whether the potentials are finite and their scalings within :meth:`scaling_bound` (host sync)."""
+        if not f.numel() or not g.numel():
+            return True
+        worst = torch.maximum((self.c + f).abs().amax(), (self.d + g).abs().amax())
+        return bool(worst <= self.scaling_bound())  # False for NaN
+
     def _scaling(self, pot: Tensor) -> Tensor:
         return torch.exp(pot).to(self.kb.dtype)
 
@@ -211,7 +223,7 @@ def over_relaxed_solve(
     state if the scaling-domain iterates leave the floating-point range.
     """
     # bound on the log-scalings exp(c + f), exp(d + g) in the kernel's dtype
-    lim = 0.5 * math.log(torch.finfo(ops.kb.dtype).max) if isinstance(ops, _ScalingOps) else math.inf
+    lim = ops.scaling_bound() if isinstance(ops, _ScalingOps) else math.inf
     g = ops.initial_g()
     omega = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)  # (...,)
     f = targets.row(ops.row_lse(g))

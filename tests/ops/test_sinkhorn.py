@@ -566,3 +566,83 @@ def test_a_problem_solved_exactly_does_not_poison_the_over_relaxation_of_its_bat
     assert torch.isfinite(result.weights).all()
     assert bool(result.converged.all()), result.marginal_error
     torch.testing.assert_close(result.weights[0, :4].sum(-1), torch.ones(4))
+
+
+def _count_log_half_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the log-domain half-steps (``_LogOps.row_lse``) run from now on."""
+    from hf_eot.ops import _sinkhorn_implicit as imp
+
+    calls = [0]
+    original = imp._LogOps.row_lse
+
+    def counted(self, g):
+        calls[0] += 1
+        return original(self, g)
+
+    monkeypatch.setattr(imp._LogOps, "row_lse", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_fixed_iterations_run_in_the_scaling_domain_with_the_log_domain_iterates(
+    dtype: torch.dtype, atol: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n_iters=k with the implicit gradient runs its k iterations in the scaling domain (no log-domain
+    half-step) and gives the plan of the plain log-domain iterations: the textbook reference without
+    padding (float64), and with key and query padding the same plan, potentials and gradients as the
+    log-domain half-steps."""
+    from hf_eot.ops import sinkhorn as sk
+
+    gen = torch.Generator().manual_seed(24)
+    S64 = torch.randn(3, 9, 11, generator=gen, dtype=torch.float64) * 4
+    calls = _count_log_half_steps(monkeypatch)
+    full = sinkhorn_weights(S64.to(dtype), n_iters=12)
+    assert calls[0] == 0 and full.n_iters == 12
+    ref = naive_log_sinkhorn(S64, torch.ones(3, 9, 11, dtype=torch.bool), 1.0, 12)
+    torch.testing.assert_close(full.weights.double(), ref, atol=atol, rtol=0)
+
+    mask = key_padding_mask(3, 9, 11, [11, 8, 5])
+    mask[2, 7:] = False  # padded queries
+    S = S64.to(dtype).requires_grad_()
+    res = sinkhorn_weights(S, mask, n_iters=12)
+    assert calls[0] == 0
+    G = torch.randn(3, 9, 11, generator=gen, dtype=torch.float64).to(dtype)
+    (res.weights * G).sum().backward()
+    with monkeypatch.context() as m:
+        m.setattr(sk._ScalingOps, "is_safe", lambda self: False)  # force the log domain
+        S_log = S64.to(dtype).requires_grad_()
+        res_log = sinkhorn_weights(S_log, mask, n_iters=12)
+        (res_log.weights * G).sum().backward()
+    assert calls[0] > 0
+    torch.testing.assert_close(res.weights, res_log.weights, atol=atol, rtol=0)
+    torch.testing.assert_close(res.log_v.double(), res_log.log_v.double(), atol=100 * atol, rtol=0)
+    torch.testing.assert_close(S.grad, S_log.grad, atol=100 * atol, rtol=0)
+
+
+def test_fixed_iterations_fall_back_to_the_log_domain_when_the_kernel_underflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scores spread over far more than the float32 exponent range: the scaling domain is unsafe, so
+    n_iters=k runs in the log domain; the plan is the textbook plan, rows sum to 1, nothing is NaN."""
+    gen = torch.Generator().manual_seed(25)
+    S64 = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64) * 300
+    calls = _count_log_half_steps(monkeypatch)
+    res = sinkhorn_weights(S64.float(), n_iters=5)
+    assert calls[0] == 5
+    full = torch.ones(2, 6, 6, dtype=torch.bool)
+    torch.testing.assert_close(res.weights.double(), naive_log_sinkhorn(S64, full, 1.0, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(2, 6))
+
+
+def test_fixed_iterations_fall_back_when_the_scalings_diverge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an infeasible mask the scalings of many plain iterations leave the float32 range; n_iters=k
+    then reruns the k iterations in the log domain: finite potentials, rows summing to 1."""
+    mask = torch.tensor([[True, False], [True, False], [True, True]])
+    S = torch.randn(3, 2, generator=torch.Generator().manual_seed(23))
+    calls = _count_log_half_steps(monkeypatch)
+    sinkhorn_weights(S, mask, n_iters=5)
+    assert calls[0] == 0  # a few iterations stay in range: the scaling domain is safe for this kernel
+    res = sinkhorn_weights(S, mask, n_iters=3000)
+    assert calls[0] == 3000
+    assert torch.isfinite(res.log_u).all() and torch.isfinite(res.log_v).all()
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(3))
