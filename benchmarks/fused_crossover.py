@@ -1,12 +1,18 @@
 """Where the fused sparse attention starts to pay: ``entmax_attention`` against the weights path.
 
-    python benchmarks/fused_crossover.py
+    python benchmarks/fused_crossover.py          # fused vs weights path, by length
+    python benchmarks/fused_crossover.py csr      # sparse CSR products vs dense ones, by support size
 
 For sparsemax and 1.5-entmax at 128 to 1024 keys (the batch shrinking as the length grows, 12 heads, head
 dim 32, a quarter of the keys padded, attention dropout 0 and 0.1), one torch thread: the CPU time of a
 forward+backward of ``entmax_attention`` and of ``dropout(entmax_weights(scores)) @ value``, best of 5
 interleaved runs, and their ratio (below 1: the fused map is faster).  ``hf_eot.ops.sparse_attention``'s
 ``FUSED_MIN_KEYS`` is set from it.
+
+``csr``: at 1024 keys (batch 2, 8 heads, head dim 64, one torch thread), logits ``q k^T / sqrt(d)`` scaled
+so that the mean support holds 1/64 to 1/4 of the keys, the CPU time of a forward+backward of
+``entmax_attention`` with the blocks that take their threshold from the top k computed by sparse CSR
+products and by dense products on the scattered weights; ``CSR_FRACTION`` is set from it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 
 import torch
 
-from hf_eot.ops import entmax_attention, entmax_weights
+from hf_eot.ops import entmax_attention, entmax_weights, sparse_attention
 
 SHAPES = ((16, 12, 128, 32), (8, 12, 256, 32), (4, 12, 512, 32), (2, 12, 1024, 32))
 
@@ -52,5 +58,27 @@ def main() -> None:
                       f"{fused_ms / unfused_ms:.2f} |", flush=True)
 
 
+def csr_crossover() -> None:
+    torch.set_num_threads(1)
+    print("| alpha | logit scale | mean support / keys | CSR ms | dense ms | CSR / dense |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    batch, heads, n, dim = 2, 8, 1024, 64
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, dim, requires_grad=True) for _ in range(3))
+    for alpha, scales in ((2.0, (1.0, 0.5, 0.25)), (1.5, (2.0, 1.0, 0.5)), (1.3, (4.0, 2.0, 1.0))):
+        for scale in scales:
+            ms = {}
+            for name, fraction in (("csr", 1.0), ("dense", 0.0)):
+                sparse_attention.CSR_FRACTION = fraction
+                ms[name] = _cpu_ms(lambda s=scale: entmax_attention(q, k, v, alpha=alpha, scale=s * dim**-0.5))
+            with torch.no_grad():
+                weights = entmax_weights((q @ k.transpose(-1, -2)) * (scale * dim**-0.5), alpha)
+                support = float((weights > 0).sum(dim=-1).float().mean()) / n
+            print(f"| {alpha} | {scale} | {support:.3f} | {ms['csr']:.0f} | {ms['dense']:.0f} | "
+                  f"{ms['csr'] / ms['dense']:.2f} |", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    csr_crossover() if sys.argv[1:] == ["csr"] else main()

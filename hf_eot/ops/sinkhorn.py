@@ -65,7 +65,6 @@ spent on near-assignment problems, which then warn (:class:`SinkhornConvergenceW
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 

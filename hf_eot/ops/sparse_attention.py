@@ -12,24 +12,28 @@ little above the previous block's largest support), which is exact when every ro
 top ``k`` (checked per row; ``k`` is doubled once, then the block falls back to whole rows).  The
 block's mode follows ``k``:
 
-* **gather** (``k <= n_keys / 32``, e.g. sparsemax): only the support weights ``(q, k)`` and their key
-  indices are kept.  ``P V`` and the whole backward are gathers over the support, ``O(q k d)`` instead
-  of ``O(q n d)``: with ``g = p^{2 - alpha}`` on the support (1 for sparsemax),
-  ``dL = g dP - g <g, dP> / sum(g)`` (the entmax Jacobian; Correia, Niculae & Martins 2019,
-  "Adaptively Sparse Transformers", Appendix B) with ``dP_j = <dO, v_j>`` only for support keys.
-* **scatter** (``k <= n_keys / 3``, e.g. 1.5- and 1.3-entmax): the same support is kept, and the
-  products are matrix products on the weights scattered into a dense block (no recomputed scores).
+* **csr** (at most :data:`CSR_FRACTION` of the entries in the support, e.g. sparsemax and 1.5-entmax
+  at long lengths, on CPU and CUDA): only the support is kept, compacted to a sparse CSR matrix over all
+  batches and heads (its weights, key indices and row pointers).  ``P V`` and the backward are sparse
+  products, ``O(nnz d)`` instead of ``O(q n d)``: ``P V``, ``P^T dO`` and ``dL K``, ``dL^T Q`` as
+  CSR-times-dense products, and ``dP_j = <dO, v_j>`` only on the support (a sampled product); with
+  ``g = p^{2 - alpha}`` on the support (1 for sparsemax), ``dL = g dP - g <g, dP> / sum(g)`` (the
+  entmax Jacobian; Correia, Niculae & Martins 2019, "Adaptively Sparse Transformers", Appendix B).
+* **scatter** (``k <= n_keys / 3``: wider supports, or devices without sparse CSR products): the top-k
+  weights are kept, and the products are matrix products on the weights scattered into a dense block
+  (no recomputed scores).
 * **dense** (the first block, and wider supports): only ``m, tau, Z`` per row, as the log-sum-exp in
   flash attention; the backward recomputes the block's scores and ``P`` bit for bit.
 
 Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports
-(``O(n_queries * k)``, 12 bytes per entry), instead of the several ``(n_queries, n_keys)`` tensors of
+(``O(n_queries * k)``, 12 to 20 bytes per entry), instead of the several ``(n_queries, n_keys)`` tensors of
 computing the weights first.  The values equal those of
 :func:`hf_eot.ops.entmax_weights` followed by ``@ value`` to round-off (tests compare them).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,21 +58,31 @@ DEFAULT_BLOCK_ELEMENTS = 2**21
 _MIN_BLOCK_QUERIES = 16
 #: The threshold comes from each row's top k while k is at most this fraction of the keys ...
 _TOP_K_FRACTION = 1 / 3
-#: ... and the block's products are gathers over the support (instead of matrix products on the weights
-#: scattered into a dense block) while k is at most this fraction.
-_GATHER_FRACTION = 1 / 32
+#: ... (rows that do not fit in their top k are solved from their whole rows while they are at most this
+#: fraction of the block's rows) ...
+_WHOLE_ROWS_FRACTION = 1 / 8
+#: ... and the block's products are sparse (CSR) products over the support (instead of matrix products on
+#: the weights scattered into a dense block) while its support holds at most this fraction of the entries
+#: (``python benchmarks/fused_crossover.py csr``).
+CSR_FRACTION = 1 / 10
+#: Devices whose torch backend has the sparse CSR products used here (``mm``, ``sampled_addmm``).
+_CSR_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
-class _SparseBlock:
-    """A block's support: weights ``(B, H, q, k)`` (before dropout), key indices, dropout multipliers, and
-    whether its products are gathers over the support (else matrix products on the scattered weights)."""
+class _SupportBlock:
+    """A block's support in CSR layout over its rows ``R = B H q`` (row ``(b H + h) q + i``) and the
+    ``B H K`` flattened keys: weights (before dropout) ``(nnz,)``, dropout multipliers, row pointers
+    ``(R + 1,)``, key columns (ascending within a row) and the row of every entry ``(nnz,)``; ``csr``: its
+    products are sparse CSR products (else matrix products on the weights scattered into a dense block)."""
 
     rows: slice
     weights: Tensor
-    index: Tensor  # int64 (B, H, q, k), into the keys
     keep: Tensor | None
-    gather: bool
+    crow: Tensor
+    col: Tensor
+    row: Tensor
+    csr: bool
 
 
 @dataclass
@@ -160,24 +174,63 @@ def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Ten
 
 
 def _top_support(
-    logits: Tensor, alpha: float, max_iters: int, k: int, masked: bool
-) -> tuple[Tensor, Tensor] | None:
-    """Weights ``(R, k')`` on the top ``k'`` entries of every row of ``logits`` ``(R, n)`` (masked keys at
-    -inf) and their indices, with ``k' = k``, or ``2 k`` if some row's support does not fit in its top
-    ``k``; None if it does not fit in the top ``2 k`` either, or ``k'`` exceeds the top-k fraction of the
-    keys.  Only the top entries are shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.  A row
-    whose maximum is -inf is a fully masked query (``masked``: weights zeroed later) or, without a mask,
-    a row of -inf logits, left to the whole-row path, which gives NaN as the weights path does."""
-    for k_try in (k, 2 * k):
-        if k_try > _TOP_K_FRACTION * logits.shape[-1]:
-            return None
-        V, index = torch.topk(logits, k_try, dim=-1, sorted=True)
-        X = _shifted(V, None, _row_max(V[:, :1], masked), alpha)  # _row_max copies: V is shifted in place
+    logits: Tensor, alpha: float, max_iters: int, k: int, row_valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The support of every row of ``logits`` ``(R, n)`` (masked keys at -inf) from its top ``k`` entries:
+    weights, rows and keys ``(nnz,)``; None if ``k`` exceeds the top-k fraction of the keys.  Rows whose
+    support may continue past their top ``k`` are solved again from their top ``2 k``, ``4 k``, ..., and
+    from their whole rows once that exceeds the top-k fraction; None if those are more than
+    :data:`_WHOLE_ROWS_FRACTION` of the rows.  Only the top entries are shifted and scaled:
+    ``X = max((alpha - 1) (V - m), floor)``.  Rows not in ``row_valid`` (fully masked queries) get no
+    entries; a row whose maximum is -inf without a mask (a row of -inf logits) is never solved, so the
+    block goes to the whole-row path, which gives NaN as the weights path does."""
+    n_rows, n_keys = logits.shape
+    weights, rows, keys = [], [], []
+    todo: Tensor | None = None  # the rows still to solve (None: all)
+    while True:
+        if k > _TOP_K_FRACTION * n_keys:
+            if todo is None or todo.numel() > _WHOLE_ROWS_FRACTION * n_rows:
+                return None
+            k = n_keys  # the few rows left: whole rows
+        part = logits if todo is None else logits.index_select(0, todo)
+        V, index = torch.topk(part, k, dim=-1, sorted=True)
+        X = _shifted(V, None, _row_max(V[:, :1], row_valid is not None), alpha)  # _row_max copies V[:, :1]
         tau, total, exact = _top_threshold(X, alpha, max_iters)
-        if bool(exact.all()):
-            P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
-            return (P if total is None else P.div_(total)), index
-    return None
+        if k == n_keys:
+            exact = torch.isfinite(tau)
+        P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
+        if total is not None:
+            P.div_(total)
+        row = torch.arange(n_rows, device=logits.device) if todo is None else todo
+        solved = (P > 0) & exact
+        if row_valid is not None:
+            solved &= row_valid.index_select(0, row).unsqueeze(-1)
+        weights.append(P[solved])
+        rows.append(row.unsqueeze(-1).expand_as(P)[solved])
+        keys.append(index[solved])
+        unsolved = (~exact.squeeze(-1)).nonzero().squeeze(-1)  # host sync
+        if not unsolved.numel():
+            return torch.cat(weights), torch.cat(rows), torch.cat(keys)
+        if k == n_keys:  # rows never solved (-inf logits without a mask)
+            return None
+        todo = row.index_select(0, unsolved)
+        k *= 2
+
+
+def _support_block(
+    rows: slice, weights: Tensor, row: Tensor, key: Tensor, shape: tuple[int, ...], dropout: float, csr: bool
+) -> _SupportBlock:
+    """The :class:`_SupportBlock` of support entries (weights, rows, keys) of a ``(B, H, q, K)`` block:
+    entries sorted by row then key, row pointers, flattened key columns, and dropout multipliers."""
+    n_rows, n_queries, n_keys = shape[0] * shape[1] * shape[2], shape[2], shape[3]
+    entry, order = (row * n_keys + key).sort()
+    row = entry.div(n_keys, rounding_mode="floor")
+    col = entry - row * n_keys + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=row.device)
+    torch.cumsum(torch.bincount(row, minlength=n_rows), dim=0, out=crow[1:])
+    weights = weights[order]
+    keep = _bernoulli_keep(weights, dropout) if dropout > 0.0 else None
+    return _SupportBlock(rows, weights, keep, crow, col, row, csr)
 
 
 def _dense_threshold(
@@ -224,33 +277,48 @@ def _entmax_backward(dP: Tensor, gppr: Tensor) -> Tensor:
     return dL.addcmul_(gppr, coef, value=-1.0)
 
 
-def _scattered(buffer: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-    """The dense ``(B, H, q, K)`` block (in ``buffer``'s memory) that holds ``weights`` ``(B, H, q, k)`` at
-    the key indices ``index`` and 0 elsewhere."""
-    shape = (*index.shape[:-1], buffer.shape[-1])
-    dense = buffer.view(-1)[: shape[0] * shape[1] * shape[2] * shape[3]].view(shape)
-    if dense.dtype != weights.dtype:
-        dense = torch.zeros(shape, dtype=weights.dtype, device=weights.device)
-    return dense.zero_().scatter_(-1, index, weights)
+def _scattered(buffer: Tensor, block: _SupportBlock, values: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The dense ``(B, H, q, K)`` block (in ``buffer``'s memory) that holds the support entries ``values``
+    ``(nnz,)`` of ``block`` and 0 elsewhere."""
+    numel = shape[0] * shape[1] * shape[2] * shape[3]
+    dense = buffer.view(-1)[:numel].view(shape) if buffer.dtype == values.dtype else values.new_empty(shape)
+    dense.zero_().view(-1).index_put_((block.row * shape[3] + block.col % shape[3],), values)
+    return dense
 
 
-def _flat_index(index: Tensor, rows: Tensor) -> Tensor:
-    """Key indices ``(B, H, q, k)`` into ``rows`` ``(B, H, K, d)`` as indices into its ``(B H K, d)`` view."""
-    batch, heads, n_keys, _ = rows.shape
-    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1, 1) * n_keys
-    return (index + offsets).reshape(-1)
+def _csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix from its parts (valid by construction: torch's invariant checks are skipped, and
+    its warning that CSR support is in beta is not repeated to the user)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-def _gather_rows(source: Tensor, index: Tensor) -> Tensor:
-    """``source[b, h, index[b, h, i, j], :]`` ``(B, H, q, k, d)`` from ``source`` ``(B, H, K, d)``."""
-    dim = source.shape[-1]
-    return source.reshape(-1, dim).index_select(0, _flat_index(index, source)).view(*index.shape, dim)
+def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows,
+    ascending) and the permutation of the entries."""
+    order = torch.argsort(block.col, stable=True)
+    crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=block.col.device)
+    torch.cumsum(torch.bincount(block.col, minlength=n_cols), dim=0, out=crow[1:])
+    return crow, block.row[order], order
 
 
-def _scatter_rows(target: Tensor, index: Tensor, rows: Tensor) -> None:
-    """``target[b, h, index[b, h, i, j], :] += rows[b, h, i, j, :]`` for ``target`` ``(B, H, K, d)``."""
-    dim = target.shape[-1]
-    target.view(-1, dim).index_add_(0, _flat_index(index, target), rows.reshape(-1, dim).to(target.dtype))
+def _row_sums(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
+    """Sum of the entries of every row of a CSR matrix ``(R,)`` from its values and entry rows."""
+    return values.new_zeros(n_rows).index_add_(0, row, values)
+
+
+def _csr_entmax_backward(dP: Tensor, gppr: Tensor, row: Tensor, n_rows: int) -> Tensor:
+    """:func:`_entmax_backward` on CSR values: ``dL = g dP - g <g, dP> / sum(g)`` row by row."""
+    dL = dP.mul_(gppr)
+    den = _row_sums(gppr, row, n_rows)
+    coef = _row_sums(dL, row, n_rows) / torch.where(den > 0, den, torch.ones_like(den))
+    return dL.addcmul_(gppr, coef[row], value=-1.0)
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, H, n, d)`` as a contiguous ``(B H n, d)`` matrix of ``dtype``."""
+    return t.reshape(-1, t.shape[-1]).to(dtype).contiguous()
 
 
 class EntmaxAttentionFunction(torch.autograd.Function):
@@ -280,8 +348,10 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         # seed + its first row, so the backward regenerates it instead of storing it
         seed = int(torch.randint(2**62, (), device="cpu")) if dropout > 0.0 else 0
         buffer = query.new_empty((*query.shape[:-2], min(block, n_queries), n_keys), dtype=cdtype)
-        blocks: list[_SparseBlock | _DenseBlock] = []
+        blocks: list[_SupportBlock | _DenseBlock] = []
         support: int | None = None  # the largest support of the previous block
+        csr_device = value.device.type in _CSR_DEVICES
+        value_c: Tensor | None = None  # the values as a (B H K, d_v) matrix of the compute dtype, once needed
         for start in range(0, n_queries, block):
             rows = slice(start, min(start + block, n_queries))
             mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)
@@ -292,23 +362,23 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             top = None
             if support is not None and not torch.compiler.is_compiling():
                 guess = max(8, (5 * support) // 4 + 1)
-                top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, mask_b is not None)
+                valid = None if row_valid is None else row_valid.view(-1).bool()
+                top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, valid)
             if top is not None:
-                P, index = top  # (R, k)
-                shape = (*logits.shape[:-1], P.shape[-1])
-                P, index = P.view(shape), index.view(shape)
-                if row_valid is not None:
-                    P.mul_(row_valid)
-                support = int((P > 0).sum(dim=-1).max())
-                keep = _bernoulli_keep(P, dropout) if dropout > 0.0 else None
-                dropped = (P if keep is None else P * keep).to(value.dtype)
-                gather = P.shape[-1] <= _GATHER_FRACTION * n_keys
-                if gather:
-                    values = _gather_rows(value, index)  # (B, H, q, k, d_v)
-                    out[..., rows, :] = (dropped.unsqueeze(-2) @ values).squeeze(-2)
+                weights, row, key_index = top  # (nnz,)
+                n_rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
+                csr = csr_device and weights.numel() <= CSR_FRACTION * n_rows * n_keys
+                blk = _support_block(rows, weights, row, key_index, logits.shape, dropout, csr)
+                support = int(blk.crow.diff().max()) if n_rows else 0
+                dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
+                if csr:
+                    if value_c is None:
+                        value_c = _flat(value, cdtype)  # (B H K, d_v)
+                    product = _csr_matrix(blk.crow, blk.col, dropped, (n_rows, value_c.shape[0])) @ value_c
+                    out[..., rows, :] = product.view(*logits.shape[:-1], -1)
                 else:
-                    out[..., rows, :] = _scattered(logits, index, dropped) @ value
-                blocks.append(_SparseBlock(rows, P, index, keep, gather))
+                    out[..., rows, :] = _scattered(logits, blk, dropped, logits.shape).to(value.dtype) @ value
+                blocks.append(blk)
             else:
                 row_max = _row_max(logits, mask_b is not None)
                 X = _shifted(logits, mask_b, row_max, alpha)
@@ -335,60 +405,63 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         key_t = key.transpose(-1, -2).contiguous()  # (B, H, d, K)
         value_t = value.transpose(-1, -2).contiguous()  # (B, H, d_v, K)
         d_query = torch.zeros_like(query) if need_q else None
-        # dense blocks accumulate the key and value gradients transposed, (B, H, d, K), sparse ones untransposed
+        # dense products accumulate the key and value gradients transposed, (B, H, d, K), CSR ones untransposed
         d_key = torch.zeros(key.shape, dtype=cdtype, device=key.device) if need_k else None
         d_value = torch.zeros(value.shape, dtype=cdtype, device=value.device) if need_v else None
         d_key_t = torch.zeros(key_t.shape, dtype=cdtype, device=key.device) if need_k else None
         d_value_t = torch.zeros(value_t.shape, dtype=cdtype, device=value.device) if need_v else None
         d_prior = torch.zeros(log_prior.shape, dtype=cdtype, device=log_prior.device) if need_prior else None
-        dense_rows = max(
-            (b.rows.stop - b.rows.start for b in ctx.blocks if not (isinstance(b, _SparseBlock) and b.gather)),
-            default=0,
-        )
-        buffer = query.new_empty((*query.shape[:-2], dense_rows, key.shape[-2]), dtype=cdtype)
+        block_rows = max((b.rows.stop - b.rows.start for b in ctx.blocks), default=0)
+        buffer = query.new_empty((*query.shape[:-2], block_rows, key.shape[-2]), dtype=cdtype)
+        n_keys = key.shape[-2]
+        n_flat_keys = key.shape[0] * key.shape[1] * n_keys  # columns of the CSR blocks
+        key_c = value_c = None  # keys and values as (B H K, d) matrices of the compute dtype, once needed
         for blk in ctx.blocks:
             rows = blk.rows
             q_b, g_b = query[..., rows, :], grad_out[..., rows, :]
-            if isinstance(blk, _SparseBlock):
-                P, keep, index = blk.weights, blk.keep, blk.index  # (B, H, q, k)
-                dropped = (P if keep is None else P * keep).to(g_b.dtype)
-                if not blk.gather:  # matrix products on the weights scattered into a dense block
-                    dense = _scattered(buffer, index, dropped)  # (B, H, q, K)
+            if isinstance(blk, _SupportBlock):  # products over the support: sparse, or on scattered weights
+                n_rows, shape = blk.crow.numel() - 1, (*g_b.shape[:-1], n_keys)  # R, (B, H, q, K)
+                dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
+                g_flat = _flat(g_b, cdtype)  # (R, d_v)
+                if blk.csr:
+                    size, size_t = (n_rows, n_flat_keys), (n_flat_keys, n_rows)
+                    crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
                     if need_v:
-                        d_value_t += (g_b.transpose(-1, -2).contiguous() @ dense).to(cdtype)
-                    if not (need_q or need_k or need_prior):
-                        continue
-                    dL = (g_b @ value_t).gather(-1, index).to(cdtype)  # dP on the support
-                    if keep is not None:
-                        dL.mul_(keep)
-                    dL = _entmax_backward(dL, _gppr(P, alpha))
-                    dS = _scattered(buffer, index, dL.to(cdtype))  # (B, H, q, K)
-                    if need_prior:
-                        _add_rows(d_prior, rows, dS)
+                        d_v = _csr_matrix(crow_t, col_t, dropped[order], size_t) @ g_flat  # (B H K, d_v)
+                        d_value.view(-1, d_value.shape[-1]).add_(d_v)
+                elif need_v:
+                    dense = _scattered(buffer, blk, dropped, shape).to(g_b.dtype)
+                    d_value_t += (g_b.transpose(-1, -2).contiguous() @ dense).to(cdtype)
+                if not (need_q or need_k or need_prior):
+                    continue
+                if blk.csr:  # dP on the support: a sampled product (beta = 0: the pattern's values unused)
+                    if value_c is None:
+                        value_c = _flat(value, cdtype)
+                    pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
+                    dL = torch.sparse.sampled_addmm(pattern, g_flat, value_c.t(), beta=0.0).values()
+                else:
+                    dL = (g_b @ value_t).to(cdtype).view(-1)[blk.row * n_keys + blk.col % n_keys]
+                if blk.keep is not None:
+                    dL.mul_(blk.keep)
+                dL = _csr_entmax_backward(dL, _gppr(blk.weights, alpha), blk.row, n_rows)  # (nnz,)
+                dS = _scattered(buffer, blk, dL, shape) if need_prior or not blk.csr else None  # (B, H, q, K)
+                if need_prior:
+                    _add_rows(d_prior, rows, dS)
+                if blk.csr:
+                    if need_q:
+                        if key_c is None:
+                            key_c = _flat(key, cdtype)
+                        d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ key_c  # (R, d)
+                        d_query[..., rows, :] = d_q.view(q_b.shape)
+                    if need_k:
+                        d_k = _csr_matrix(crow_t, col_t, dL[order], size_t) @ _flat(q_b, cdtype)  # (B H K, d)
+                        d_key.view(-1, d_key.shape[-1]).add_(d_k)
+                else:
                     dS = dS.to(query.dtype)
                     if need_q:
                         d_query[..., rows, :] = dS @ key
                     if need_k:
                         d_key_t += (q_b.transpose(-1, -2).contiguous() @ dS).to(cdtype)
-                    continue
-                if need_v:
-                    _scatter_rows(d_value, index, dropped.unsqueeze(-1) * g_b.unsqueeze(-2))
-                if not (need_q or need_k or need_prior):
-                    continue
-                values = _gather_rows(value, index)  # (B, H, q, k, d_v)
-                dL = (values * g_b.unsqueeze(-2)).sum(dim=-1, dtype=cdtype)  # dP on the support (B, H, q, k)
-                if keep is not None:
-                    dL.mul_(keep)
-                dL = _entmax_backward(dL, _gppr(P, alpha))  # (B, H, q, k)
-                if need_prior:
-                    dense = torch.zeros((*dL.shape[:-1], key.shape[-2]), dtype=cdtype, device=dL.device)
-                    _add_rows(d_prior, rows, dense.scatter_(-1, index, dL))
-                dL = dL.to(query.dtype)
-                if need_q:
-                    keys = _gather_rows(key, index)  # (B, H, q, k, d)
-                    d_query[..., rows, :] = (dL.unsqueeze(-2) @ keys).squeeze(-2)
-                if need_k:
-                    _scatter_rows(d_key, index, dL.unsqueeze(-1) * q_b.unsqueeze(-2))
                 continue
             # dense block: recompute the scores and P as in the forward
             mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)

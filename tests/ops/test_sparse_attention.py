@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_eot.ops import entmax_attention, entmax_weights
-from hf_eot.ops.sparse_attention import _SparseBlock
+from hf_eot.ops import entmax_attention, entmax_weights, sparse_attention
+from hf_eot.ops.sparse_attention import _SupportBlock
 
 ALPHAS = [2.0, 1.5, 1.3, 1.7]
 
@@ -35,10 +35,10 @@ def _reference(q, k, v, alpha, mask=None, log_prior=None, scale=None, epsilon=1.
 
 def _block_kinds(out: torch.Tensor) -> set[str]:
     """The modes the forward chose for its blocks (the autograd node of a custom Function is its ctx):
-    "gather" and "scatter" (threshold from the top k, products over the support or on the scattered
-    weights) or "dense" (statistics only, recomputed in the backward)."""
+    "csr" and "scatter" (threshold from the top k, sparse products over the support or dense ones on the
+    scattered weights) or "dense" (statistics only, recomputed in the backward)."""
     return {
-        ("gather" if block.gather else "scatter") if isinstance(block, _SparseBlock) else "dense"
+        ("csr" if block.csr else "scatter") if isinstance(block, _SupportBlock) else "dense"
         for block in out.grad_fn.blocks
     }
 
@@ -65,16 +65,23 @@ def test_values_and_gradients_match_the_unfused_map(alpha: float, spread: float)
     for name, a, b in zip("qkvp", ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
     if spread > 1 and alpha in (2.0, 1.5):
-        assert "gather" in _block_kinds(out), "peaked scores must take the sparse mode"
+        assert "csr" in _block_kinds(out), "peaked scores must take the sparse mode"
     if spread < 1 and alpha < 2.0:
         assert "dense" in _block_kinds(out), "wide supports must take the dense mode"
 
 
+@pytest.mark.parametrize("csr", [True, False])
 @pytest.mark.parametrize(("alpha", "peak", "medium"), [(2.0, 12.0, 1.0), (1.5, 12.0, 2.0), (1.3, 30.0, 20.0)])
-def test_every_block_mode_in_one_call(alpha: float, peak: float, medium: float) -> None:
+def test_every_block_mode_in_one_call(
+    alpha: float, peak: float, medium: float, csr: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A call whose query blocks are flat (wide supports: dense mode), then peaked (supports of a few keys:
-    gathers), then in between (supports of tens of keys: products on the scattered weights) equals the
-    unfused map, gradients included; a prior broadcast over the queries gets the summed gradient."""
+    sparse CSR products), then in between (supports of tens of keys: CSR products while they hold at most
+    1/16 of the entries, else products on the scattered weights) equals the unfused map, gradients
+    included; a prior broadcast over the queries gets the summed gradient.  On a device without sparse
+    CSR products every top-k block takes the scattered weights."""
+    if not csr:
+        monkeypatch.setattr(sparse_attention, "_CSR_DEVICES", ())
     q, k, v = _inputs(1, 2, 128, 512, 4, spread=1.0, seed=2)
     with torch.no_grad():
         q[..., :32, :] *= 0.05
@@ -85,7 +92,8 @@ def test_every_block_mode_in_one_call(alpha: float, peak: float, medium: float) 
     out = entmax_attention(q, k, v, alpha=alpha, log_prior=prior, block_elements=2 * 512 * 16)
     ref = _reference(q, k, v, alpha, log_prior=prior)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    assert _block_kinds(out) == {"dense", "gather", "scatter"}
+    expected = {"dense", "csr", "scatter"} if alpha == 2.0 else {"dense", "csr"}
+    assert _block_kinds(out) == (expected if csr else {"dense", "scatter"})
     grad = torch.randn_like(out)
     for a, b in zip(
         torch.autograd.grad(out, (q, k, v, prior), grad), torch.autograd.grad(ref, (q, k, v, prior), grad), strict=True
@@ -222,3 +230,20 @@ def test_mismatched_shapes_are_named() -> None:
         entmax_attention(q, k[..., :2, :], v, alpha=1.5)
     with pytest.raises(ValueError, match="log_prior of shape \\(4,\\) does not broadcast"):
         entmax_attention(q, k, v, alpha=1.5, log_prior=torch.zeros(4, dtype=q.dtype))
+
+
+def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
+    """A block of queries that may attend no key, between peaked ones (an empty CSR block, no entries):
+    zero outputs, values and gradients of the unfused map."""
+    q, k, v = _inputs(1, 2, 64, 512, 4, spread=8.0, seed=9)
+    mask = torch.ones(1, 1, 64, 512, dtype=torch.bool)
+    mask[..., 16:32, :] = False
+    out = entmax_attention(q, k, v, alpha=2.0, mask=mask, block_elements=2 * 512 * 16)
+    blocks = out.grad_fn.blocks
+    assert isinstance(blocks[1], _SupportBlock) and blocks[1].csr and blocks[1].col.numel() == 0
+    assert torch.all(out[..., 16:32, :] == 0)
+    ref = _reference(q, k, v, 2.0, mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
