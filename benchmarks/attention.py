@@ -8,8 +8,9 @@ Rows: the "eot" attention function (hf_eot's Transformers glue) configured for s
 1.5-entmax, 1.3-entmax and OT attention; Transformers' ``attn_implementation="sdpa"`` function (the
 peer of "eot" softmax); the ``entmax`` package's ``sparsemax``, ``entmax15`` and ``entmax_bisect``;
 an eager softmax (``softmax(q k^T / sqrt(d)) v``, the memory yardstick of the sparse maps); and, at
-logit std 1 and 4, doubly stochastic (Sinkhorn) attention three ways: hf_eot's
-``ops.sinkhorn_weights`` to a column-marginal error of 1e-6 (at most 200 iterations), a plain
+logit std 1 and 4, doubly stochastic (Sinkhorn) attention four ways: hf_eot's
+``ops.sinkhorn_weights`` to a column-marginal error of 1e-6 (at most 200 iterations) and with its
+fixed budget of the plain Sinkhorn's 10 iterations (``n_iters=10``), a plain
 unrolled log-domain Sinkhorn (10 iterations, plain autograd), and POT's batched log-domain Bregman
 projection (``ot.batch.bregman_log_projection_batch``, tol 1e-6 on its potentials, at most 200
 iterations, gradient of the last step).  The iterations each solver needs to reach a
@@ -114,6 +115,11 @@ def _hf_sinkhorn(scores: torch.Tensor) -> torch.Tensor:
     return res.weights
 
 
+def _hf_sinkhorn_fixed(scores: torch.Tensor) -> torch.Tensor:
+    """hf_eot's fixed-budget mode: the same iterations as the plain Sinkhorn, implicit gradient."""
+    return ops.sinkhorn_weights(scores, n_iters=PLAIN_ITERS).weights
+
+
 def _pot_sinkhorn(scores: torch.Tensor) -> torch.Tensor:
     import ot.batch
 
@@ -143,6 +149,7 @@ def candidates(heads: int, d: int) -> dict[str, tuple[Attention, str | None]]:
     for std in (1, 4):
         plain = f"sinkhorn plain {PLAIN_ITERS} it, std {std}"
         rows[f"sinkhorn hf_eot tol 1e-6, std {std}"] = (_weights_then_values(_hf_sinkhorn, std), plain)
+        rows[f"sinkhorn hf_eot {PLAIN_ITERS} it, std {std}"] = (_weights_then_values(_hf_sinkhorn_fixed, std), plain)
         rows[plain] = (_weights_then_values(lambda s: plain_sinkhorn(s, PLAIN_ITERS), std), None)
         rows[f"sinkhorn POT tol 1e-6, std {std}"] = (_weights_then_values(_pot_sinkhorn, std), plain)
     return rows
