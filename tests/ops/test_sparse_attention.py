@@ -77,9 +77,10 @@ def test_every_block_mode_in_one_call(
 ) -> None:
     """A call whose query blocks are flat (wide supports: dense mode), then peaked (supports of a few keys:
     sparse CSR products), then in between (supports of tens of keys: CSR products while they hold at most
-    1/16 of the entries, else products on the scattered weights) equals the unfused map, gradients
-    included; a prior broadcast over the queries gets the summed gradient.  On a device without sparse
-    CSR products every top-k block takes the scattered weights."""
+    a fraction of the entries, here 1/32, else products on the scattered weights) equals the unfused map,
+    gradients included; a prior broadcast over the queries gets the summed gradient.  On a device without
+    sparse CSR products every top-k block takes the scattered weights."""
+    monkeypatch.setattr(sparse_attention, "CSR_FRACTION", 1 / 32)
     if not csr:
         monkeypatch.setattr(sparse_attention, "_CSR_DEVICES", ())
     q, k, v = _inputs(1, 2, 128, 512, 4, spread=1.0, seed=2)
