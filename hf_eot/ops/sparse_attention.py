@@ -8,9 +8,10 @@ exact maps (alpha = 2, 1.5) or the sum before renormalisation (Newton's threshol
 
 Per block of queries the scores come from one matrix product.  The first block finds its thresholds
 over whole rows; every later one from the ``k`` largest entries of each row (``torch.topk``, ``k`` a
-little above the previous block's largest support), which is exact when every row's support lies in its
-top ``k`` (checked per row; ``k`` is doubled once, then the block falls back to whole rows).  The
-block's mode follows ``k``:
+little above the previous block's largest support), which is exact when the row's support lies in its
+top ``k`` (checked per row: the rows whose support may continue are solved again from their top
+``2 k``, ``4 k``, ..., and from their whole rows once that passes a third of the keys, if they are
+few; else the block falls back to the dense mode).  The block's mode follows its support:
 
 * **csr** (at most :data:`CSR_FRACTION` of the entries in the support, e.g. sparsemax and 1.5-entmax
   at long lengths, on CPU and CUDA): only the support is kept, compacted to a sparse CSR matrix over all
@@ -19,14 +20,14 @@ block's mode follows ``k``:
   CSR-times-dense products, and ``dP_j = <dO, v_j>`` only on the support (a sampled product); with
   ``g = p^{2 - alpha}`` on the support (1 for sparsemax), ``dL = g dP - g <g, dP> / sum(g)`` (the
   entmax Jacobian; Correia, Niculae & Martins 2019, "Adaptively Sparse Transformers", Appendix B).
-* **scatter** (``k <= n_keys / 3``: wider supports, or devices without sparse CSR products): the top-k
-  weights are kept, and the products are matrix products on the weights scattered into a dense block
-  (no recomputed scores).
+* **scatter** (wider supports, or devices without sparse CSR products): the support is kept the same
+  way, and the products are matrix products on the weights scattered into a dense block (no recomputed
+  scores).
 * **dense** (the first block, and wider supports): only ``m, tau, Z`` per row, as the log-sum-exp in
   flash attention; the backward recomputes the block's scores and ``P`` bit for bit.
 
-Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports
-(``O(n_queries * k)``, 12 to 20 bytes per entry), instead of the several ``(n_queries, n_keys)`` tensors of
+Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports (20 bytes
+per support entry, 24 with dropout), instead of the several ``(n_queries, n_keys)`` tensors of
 computing the weights first.  The values equal those of
 :func:`hf_eot.ops.entmax_weights` followed by ``@ value`` to round-off (tests compare them).
 """
