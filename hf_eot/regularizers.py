@@ -440,7 +440,7 @@ register_regularizer(
                 None,
                 _optional(_positive_int),
                 "None (iterate to tol) or an int >= 1",
-                "fixed iteration count (scaling domain when safe; under torch.compile no host sync)",
+                "fixed iteration count (eager: one or two host syncs; none under torch.compile)",
             ),
             Param("tol", _sinkhorn_ops.DEFAULT_TOL, _positive, "a finite float > 0",
                   "target max column-marginal error"),

@@ -184,7 +184,7 @@ def plan_col_error(p: Tensor, targets: Targets) -> Tensor:
     return err.amax(dim=-1) if err.shape[-1] else err.sum(dim=-1)
 
 
-def fixed_iterations(ops: _LogOps, targets: Targets, g: Tensor, n_iters: int) -> Tensor:
+def fixed_iterations(ops: _LogOps | _ScalingOps, targets: Targets, g: Tensor, n_iters: int) -> Tensor:
     """``n_iters`` plain Sinkhorn iterations (row update, then column update) from ``g``; no host sync."""
     for _ in range(n_iters):
         f = targets.row(ops.row_lse(g))

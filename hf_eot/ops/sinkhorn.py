@@ -21,11 +21,12 @@ Iterations, with ``F = S / epsilon`` (``-inf`` where masked), potentials ``f`` (
     f <-            -row_lse(g)                     (rows)
 
 * ``n_iters=k``: ``k`` plain iterations (``omega = 1``) from ``g = 0``.  With the implicit gradient in
-  eager mode, in the scaling domain below when it is safe (two host syncs: the safety check before and
-  the range check after; the log domain otherwise), the same iterates to round-off at a fraction of the
-  cost (one exponential instead of two per iteration and entry).  Under ``torch.compile``, and with
-  ``grad="unroll"``, in the log domain: no host sync, no data-dependent control flow
-  (``torch.compile(fullgraph=True)``: 0 graph breaks, both grad modes).
+  eager mode, in the scaling domain below when it is safe (one or two host syncs: the safety check
+  before and the range check after; the log domain otherwise), the same iterates to round-off at a
+  fraction of the cost (one exponential per entry in all, instead of two per entry and iteration).
+  Under ``torch.compile``, while a CUDA graph is being captured, and with ``grad="unroll"``, in the log
+  domain: no host sync, no data-dependent control flow (``torch.compile(fullgraph=True)``: 0 graph
+  breaks, both grad modes).
 * ``n_iters=None`` (default): in the scaling domain when safe: one exponential of the kernel
   balanced in the log domain, ``Kb = exp(F - c_i - d_j)`` (``c`` row maxima, ``d`` column maxima
   of ``F - c``), then matrix-vector products ``row_lse(g) = c + log(Kb exp(d + g))``; potentials in
@@ -211,11 +212,12 @@ class _ImplicitSinkhorn(torch.autograd.Function):
 
 def _fixed_solve(f: Tensor, prob: _Problem, n_iters: int) -> tuple[Tensor, _LogOps | _ScalingOps]:
     """``n_iters`` plain iterations from ``g = 0``: in the scaling domain (one exponential, then
-    matrix-vector products) when it is safe, eager mode only; else, and under ``torch.compile`` (no host
-    sync), in the log domain.  Both give the same iterates to round-off.  Returns the column potentials
+    matrix-vector products) when it is safe, eager mode only; else, and under ``torch.compile`` or CUDA
+    graph capture (no host sync), in the log domain.  Both give the same iterates to round-off.  Returns the column potentials
     and the half-step implementation that computed them (for the final plan)."""
     targets = prob.targets
-    if n_iters > 0 and not torch.compiler.is_compiling():
+    capturing = f.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph: no host sync
+    if n_iters > 0 and not torch.compiler.is_compiling() and not capturing:
         scaling = _ScalingOps(f, targets.row_valid, targets.col_valid, prob.mask)
         if scaling.is_safe():  # host sync
             g0 = torch.zeros(f.shape[:-2] + f.shape[-1:], dtype=scaling.vdtype, device=f.device)
@@ -305,8 +307,9 @@ def sinkhorn_weights(
         mask: optional bool tensor broadcastable to ``scores``; True = may attend.
         epsilon: entropic regularisation (> 0); a tensor broadcastable to ``scores`` (e.g.
             ``(n_heads, 1, 1)``) is accepted.
-        n_iters: ``k`` runs exactly ``k`` plain iterations (scaling domain when safe in eager mode,
-            else log domain with no host synchronisation: ``torch.compile(fullgraph=True)`` friendly);
+        n_iters: ``k`` runs exactly ``k`` plain iterations (eager mode: scaling domain when safe, one or
+            two host syncs; under ``torch.compile`` or CUDA graph capture, and with ``grad="unroll"``: log
+            domain, no host sync, ``torch.compile(fullgraph=True)`` friendly);
             ``None`` iterates (over-relaxed, scaling
             domain when safe) until the column-marginal error of every problem is ``<= tol``
             (checked every ``check_every`` iterations) or ``max_iters``, warning once

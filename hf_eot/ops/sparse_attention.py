@@ -63,10 +63,12 @@ _TOP_K_FRACTION = 1 / 3
 #: fraction of the block's rows) ...
 _WHOLE_ROWS_FRACTION = 1 / 8
 #: ... and the block's products are sparse (CSR) products over the support (instead of matrix products on
-#: the weights scattered into a dense block) while its support holds at most this fraction of the entries
-#: (``python benchmarks/fused_crossover.py csr``).
+#: the weights scattered into a dense block) while its support holds at most this fraction of the entries:
+#: a conservative choice, CSR being still 4% faster at 11% (``python benchmarks/fused_crossover.py csr``,
+#: one CPU thread; not measured on CUDA).
 CSR_FRACTION = 1 / 10
-#: Devices whose torch backend has the sparse CSR products used here (``mm``, ``sampled_addmm``).
+#: Devices whose torch backend has the sparse CSR products used here (``mm``, ``sampled_addmm``); other
+#: devices take the scattered weights.
 _CSR_DEVICES = ("cpu", "cuda")
 
 
@@ -180,11 +182,12 @@ def _top_support(
     """The support of every row of ``logits`` ``(R, n)`` (masked keys at -inf) from its top ``k`` entries:
     weights, rows and keys ``(nnz,)``; None if ``k`` exceeds the top-k fraction of the keys.  Rows whose
     support may continue past their top ``k`` are solved again from their top ``2 k``, ``4 k``, ..., and
-    from their whole rows once that exceeds the top-k fraction; None if those are more than
-    :data:`_WHOLE_ROWS_FRACTION` of the rows.  Only the top entries are shifted and scaled:
-    ``X = max((alpha - 1) (V - m), floor)``.  Rows not in ``row_valid`` (fully masked queries) get no
-    entries; a row whose maximum is -inf without a mask (a row of -inf logits) is never solved, so the
-    block goes to the whole-row path, which gives NaN as the weights path does."""
+    from their whole rows once that exceeds the top-k fraction; None (the block is solved over whole rows)
+    if more than half of the rows are left after a pass, or more than :data:`_WHOLE_ROWS_FRACTION` for the
+    whole-row pass.  Only the top entries are shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.
+    Rows not in ``row_valid`` (fully masked queries) get no entries; a row whose maximum is -inf without a
+    mask (a row of -inf logits, NaN once shifted) is never solved, so the block goes to the whole-row
+    path, which gives NaN as the weights path does."""
     n_rows, n_keys = logits.shape
     weights, rows, keys = [], [], []
     todo: Tensor | None = None  # the rows still to solve (None: all)
@@ -199,6 +202,7 @@ def _top_support(
         tau, total, exact = _top_threshold(X, alpha, max_iters)
         if k == n_keys:
             exact = torch.isfinite(tau)
+        exact &= ~torch.isnan(X[:, :1])  # -inf rows without a mask
         P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
         if total is not None:
             P.div_(total)
@@ -212,7 +216,7 @@ def _top_support(
         unsolved = (~exact.squeeze(-1)).nonzero().squeeze(-1)  # host sync
         if not unsolved.numel():
             return torch.cat(weights), torch.cat(rows), torch.cat(keys)
-        if k == n_keys:  # rows never solved (-inf logits without a mask)
+        if k == n_keys or 2 * unsolved.numel() > n_rows:  # never solved (-inf rows), or most of the rows
             return None
         todo = row.index_select(0, unsolved)
         k *= 2
@@ -227,11 +231,16 @@ def _support_block(
     entry, order = (row * n_keys + key).sort()
     row = entry.div(n_keys, rounding_mode="floor")
     col = entry - row * n_keys + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=row.device)
-    torch.cumsum(torch.bincount(row, minlength=n_rows), dim=0, out=crow[1:])
     weights = weights[order]
     keep = _bernoulli_keep(weights, dropout) if dropout > 0.0 else None
-    return _SupportBlock(rows, weights, keep, crow, col, row, csr)
+    return _SupportBlock(rows, weights, keep, _row_pointers(row, n_rows), col, row, csr)
+
+
+def _row_pointers(row: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers ``(n_rows + 1,)`` of entries whose rows ``row`` are in ascending order."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=row.device)
+    torch.cumsum(torch.bincount(row, minlength=n_rows), dim=0, out=crow[1:])
+    return crow
 
 
 def _dense_threshold(
@@ -283,15 +292,20 @@ def _scattered(buffer: Tensor, block: _SupportBlock, values: Tensor, shape: tupl
     ``(nnz,)`` of ``block`` and 0 elsewhere."""
     numel = shape[0] * shape[1] * shape[2] * shape[3]
     dense = buffer.view(-1)[:numel].view(shape) if buffer.dtype == values.dtype else values.new_empty(shape)
-    dense.zero_().view(-1).index_put_((block.row * shape[3] + block.col % shape[3],), values)
+    dense.zero_().view(-1).index_put_((_dense_index(block, shape[3]),), values)
     return dense
+
+
+def _dense_index(block: _SupportBlock, n_keys: int) -> Tensor:
+    """The support entries' indices ``(nnz,)`` into the flattened ``(B, H, q, K)`` block."""
+    return block.row * n_keys + block.col % n_keys
 
 
 def _csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     """A sparse CSR matrix from its parts (valid by construction: torch's invariant checks are skipped, and
     its warning that CSR support is in beta is not repeated to the user)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
@@ -299,9 +313,7 @@ def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, T
     """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows,
     ascending) and the permutation of the entries."""
     order = torch.argsort(block.col, stable=True)
-    crow = torch.zeros(n_cols + 1, dtype=torch.int64, device=block.col.device)
-    torch.cumsum(torch.bincount(block.col, minlength=n_cols), dim=0, out=crow[1:])
-    return crow, block.row[order], order
+    return _row_pointers(block.col[order], n_cols), block.row[order], order
 
 
 def _row_sums(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
@@ -376,7 +388,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                     if value_c is None:
                         value_c = _flat(value, cdtype)  # (B H K, d_v)
                     product = _csr_matrix(blk.crow, blk.col, dropped, (n_rows, value_c.shape[0])) @ value_c
-                    out[..., rows, :] = product.view(*logits.shape[:-1], -1)
+                    out[..., rows, :] = product.reshape(*logits.shape[:-1], -1)
                 else:
                     out[..., rows, :] = _scattered(logits, blk, dropped, logits.shape).to(value.dtype) @ value
                 blocks.append(blk)
@@ -412,7 +424,8 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         d_key_t = torch.zeros(key_t.shape, dtype=cdtype, device=key.device) if need_k else None
         d_value_t = torch.zeros(value_t.shape, dtype=cdtype, device=value.device) if need_v else None
         d_prior = torch.zeros(log_prior.shape, dtype=cdtype, device=log_prior.device) if need_prior else None
-        block_rows = max((b.rows.stop - b.rows.start for b in ctx.blocks), default=0)
+        dense_blocks = [b for b in ctx.blocks if need_prior or not (isinstance(b, _SupportBlock) and b.csr)]
+        block_rows = max((b.rows.stop - b.rows.start for b in dense_blocks), default=0)  # dense (B, H, q, K)
         buffer = query.new_empty((*query.shape[:-2], block_rows, key.shape[-2]), dtype=cdtype)
         n_keys = key.shape[-2]
         n_flat_keys = key.shape[0] * key.shape[1] * n_keys  # columns of the CSR blocks
@@ -441,7 +454,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                     pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
                     dL = torch.sparse.sampled_addmm(pattern, g_flat, value_c.t(), beta=0.0).values()
                 else:
-                    dL = (g_b @ value_t).to(cdtype).view(-1)[blk.row * n_keys + blk.col % n_keys]
+                    dL = (g_b @ value_t).to(cdtype).view(-1)[_dense_index(blk, n_keys)]
                 if blk.keep is not None:
                     dL.mul_(blk.keep)
                 dL = _csr_entmax_backward(dL, _gppr(blk.weights, alpha), blk.row, n_rows)  # (nnz,)
@@ -453,7 +466,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                         if key_c is None:
                             key_c = _flat(key, cdtype)
                         d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ key_c  # (R, d)
-                        d_query[..., rows, :] = d_q.view(q_b.shape)
+                        d_query[..., rows, :] = d_q.reshape(q_b.shape)
                     if need_k:
                         d_k = _csr_matrix(crow_t, col_t, dL[order], size_t) @ _flat(q_b, cdtype)  # (B H K, d)
                         d_key.view(-1, d_key.shape[-1]).add_(d_k)

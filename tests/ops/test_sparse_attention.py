@@ -72,7 +72,7 @@ def test_values_and_gradients_match_the_unfused_map(alpha: float, spread: float)
 
 @pytest.mark.parametrize("csr", [True, False])
 @pytest.mark.parametrize(("alpha", "peak", "medium"), [(2.0, 12.0, 1.0), (1.5, 12.0, 2.0), (1.3, 30.0, 20.0)])
-def test_every_block_mode_in_one_call(
+def test_the_block_modes_in_one_call(
     alpha: float, peak: float, medium: float, csr: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A call whose query blocks are flat (wide supports: dense mode), then peaked (supports of a few keys:
@@ -106,33 +106,39 @@ def test_every_block_mode_in_one_call(
 @pytest.mark.parametrize("spread", [0.5, 8.0])
 def test_gradcheck(alpha: float, spread: float) -> None:
     """Finite differences (float64, gradcheck's fast mode: random directions) agree with the analytic
-    backward of both block modes."""
-    q, k, v = _inputs(1, 2, 6, 288, 3, spread=spread, seed=3)
+    backward of every block mode met (three query blocks: the first over whole rows, the next from their
+    top k, sparse CSR products on peaked scores)."""
+    q, k, v = _inputs(1, 2, 48, 288, 3, spread=spread, seed=3)
 
     def fn(q, k, v):
-        return entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 288 * 3)
+        return entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 288 * 16)
 
+    if spread > 1 and alpha in (2.0, 1.5):
+        assert "csr" in _block_kinds(fn(q, k, v))
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("spread", [0.5, 8.0])
 def test_dropout_is_reproducible_and_differentiated(spread: float) -> None:
     """With dropout, the same seed gives the same output, gradcheck passes (the backward uses the forward's
-    dropout masks, stored or regenerated), about the dropout fraction of the support is zeroed, and the
-    output differs from the one without dropout."""
-    q, k, v = _inputs(1, 2, 8, 288, 3, spread=spread, seed=4)
+    dropout masks, stored with a CSR support (peaked scores) or regenerated for a dense block), about the
+    dropout fraction of the support is zeroed, and the output differs from the one without dropout."""
+    q, k, v = _inputs(1, 2, 48, 288, 3, spread=spread, seed=4)
 
-    def fn(q, k, v):
+    def fn(q, k, v, block_elements=2 * 288 * 16):
         torch.manual_seed(0)
-        return entmax_attention(q, k, v, alpha=2.0, dropout=0.3, block_elements=2 * 288 * 3)
+        return entmax_attention(q, k, v, alpha=2.0, dropout=0.3, block_elements=block_elements)
 
+    assert "dense" in _block_kinds(fn(q, k, v))
+    if spread > 1:
+        assert "csr" in _block_kinds(fn(q, k, v))
     torch.testing.assert_close(fn(q, k, v), fn(q, k, v), atol=0, rtol=0)
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, fast_mode=True)
     assert not torch.allclose(fn(q, k, v), entmax_attention(q, k, v, alpha=2.0))
     # the weights that were used: drop the values' gradient path to read them off through an identity
     eye = torch.eye(288, dtype=torch.float64).expand(1, 2, 288, 288)
     torch.manual_seed(0)
-    used = entmax_attention(q.detach(), k.detach(), eye, alpha=2.0, dropout=0.3, block_elements=2 * 288 * 3)
+    used = entmax_attention(q.detach(), k.detach(), eye, alpha=2.0, dropout=0.3, block_elements=2 * 288 * 16)
     plain = entmax_attention(q.detach(), k.detach(), eye, alpha=2.0)
     kept = used[plain > 0] > 0
     assert 0.4 < kept.double().mean() < 0.95
@@ -248,3 +254,19 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path() -> None:
+    """A query whose log-prior is -inf on every key (no mask) in a block that takes its threshold from the
+    top k: NaN, as the unfused map gives, and the other rows unchanged (the block falls back to whole
+    rows instead of leaving the row out of the support)."""
+    q, k, v = _inputs(1, 2, 48, 320, 4, spread=8.0, seed=10)
+    prior = torch.zeros(1, 2, 48, 320, dtype=torch.float64)
+    prior[0, 1, 40] = float("-inf")
+    out = entmax_attention(q, k, v, alpha=2.0, log_prior=prior, block_elements=2 * 320 * 16)
+    ref = _reference(q, k, v, 2.0, log_prior=prior)
+    assert torch.isnan(ref[0, 1, 40]).all() and torch.isnan(out[0, 1, 40]).all()
+    finite = torch.ones(48, dtype=torch.bool)
+    finite[40] = False
+    torch.testing.assert_close(out[0, 1, finite], ref[0, 1, finite], atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[0, 0], ref[0, 0], atol=1e-12, rtol=0)
