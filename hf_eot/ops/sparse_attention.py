@@ -413,105 +413,174 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         query, key, value, mask, log_prior = ctx.saved_tensors
         scale, epsilon, alpha, dropout = ctx.settings
-        cdtype = compute_dtype(query.dtype)
-        need_q, need_k, need_v, _, need_prior = ctx.needs_input_grad[:5]
-        key_t = key.transpose(-1, -2).contiguous()  # (B, H, d, K)
-        value_t = value.transpose(-1, -2).contiguous()  # (B, H, d_v, K)
-        d_query = torch.zeros_like(query) if need_q else None
-        # dense products accumulate the key and value gradients transposed, (B, H, d, K), CSR ones untransposed
-        d_key = torch.zeros(key.shape, dtype=cdtype, device=key.device) if need_k else None
-        d_value = torch.zeros(value.shape, dtype=cdtype, device=value.device) if need_v else None
-        d_key_t = torch.zeros(key_t.shape, dtype=cdtype, device=key.device) if need_k else None
-        d_value_t = torch.zeros(value_t.shape, dtype=cdtype, device=value.device) if need_v else None
-        d_prior = torch.zeros(log_prior.shape, dtype=cdtype, device=log_prior.device) if need_prior else None
-        dense_blocks = [b for b in ctx.blocks if need_prior or not (isinstance(b, _SupportBlock) and b.csr)]
-        block_rows = max((b.rows.stop - b.rows.start for b in dense_blocks), default=0)  # dense (B, H, q, K)
-        buffer = query.new_empty((*query.shape[:-2], block_rows, key.shape[-2]), dtype=cdtype)
-        n_keys = key.shape[-2]
-        n_flat_keys = key.shape[0] * key.shape[1] * n_keys  # columns of the CSR blocks
-        key_c = value_c = None  # keys and values as (B H K, d) matrices of the compute dtype, once needed
+        bw = _Backward.start(ctx.blocks, query, key, value, log_prior, ctx.needs_input_grad, alpha)
         for blk in ctx.blocks:
-            rows = blk.rows
-            q_b, g_b = query[..., rows, :], grad_out[..., rows, :]
-            if isinstance(blk, _SupportBlock):  # products over the support: sparse, or on scattered weights
-                n_rows, shape = blk.crow.numel() - 1, (*g_b.shape[:-1], n_keys)  # R, (B, H, q, K)
-                dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
-                g_flat = _flat(g_b, cdtype)  # (R, d_v)
-                if blk.csr:
-                    size, size_t = (n_rows, n_flat_keys), (n_flat_keys, n_rows)
-                    crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
-                    if need_v:
-                        d_v = _csr_matrix(crow_t, col_t, dropped[order], size_t) @ g_flat  # (B H K, d_v)
-                        d_value.view(-1, d_value.shape[-1]).add_(d_v)
-                elif need_v:
-                    dense = _scattered(buffer, blk, dropped, shape).to(g_b.dtype)
-                    d_value_t += (g_b.transpose(-1, -2).contiguous() @ dense).to(cdtype)
-                if not (need_q or need_k or need_prior):
-                    continue
-                if blk.csr:  # dP on the support: a sampled product (beta = 0: the pattern's values unused)
-                    if value_c is None:
-                        value_c = _flat(value, cdtype)
-                    pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
-                    dL = torch.sparse.sampled_addmm(pattern, g_flat, value_c.t(), beta=0.0).values()
-                else:
-                    dL = (g_b @ value_t).to(cdtype).view(-1)[_dense_index(blk, n_keys)]
-                if blk.keep is not None:
-                    dL.mul_(blk.keep)
-                dL = _csr_entmax_backward(dL, _gppr(blk.weights, alpha), blk.row, n_rows)  # (nnz,)
-                dS = _scattered(buffer, blk, dL, shape) if need_prior or not blk.csr else None  # (B, H, q, K)
-                if need_prior:
-                    _add_rows(d_prior, rows, dS)
-                if blk.csr:
-                    if need_q:
-                        if key_c is None:
-                            key_c = _flat(key, cdtype)
-                        d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ key_c  # (R, d)
-                        d_query[..., rows, :] = d_q.reshape(q_b.shape)
-                    if need_k:
-                        d_k = _csr_matrix(crow_t, col_t, dL[order], size_t) @ _flat(q_b, cdtype)  # (B H K, d)
-                        d_key.view(-1, d_key.shape[-1]).add_(d_k)
-                else:
-                    dS = dS.to(query.dtype)
-                    if need_q:
-                        d_query[..., rows, :] = dS @ key
-                    if need_k:
-                        d_key_t += (q_b.transpose(-1, -2).contiguous() @ dS).to(cdtype)
-                continue
-            # dense block: recompute the scores and P as in the forward
-            mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)
-            X = _shifted(_block_logits(q_b, key_t, prior_b, cdtype, buffer), mask_b, blk.row_max, alpha)
-            P, t = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, cdtype), alpha)  # (B, H, q, K)
-            keep = _seeded_keep(P, dropout, blk.seed) if dropout > 0.0 else None
-            if need_v:
-                dropped = P if keep is None else P * keep
-                d_value_t += (g_b.transpose(-1, -2).contiguous() @ dropped.to(value.dtype)).to(cdtype)
-            if not (need_q or need_k or need_prior):
-                continue
-            dL = (g_b @ value_t).to(cdtype)  # (B, H, q, K): gradient w.r.t. the (dropped) weights
-            if keep is not None:
-                dL.mul_(keep)
-            dL = _entmax_backward(dL, t if alpha == 1.5 else _gppr(P, alpha))  # sqrt(P) = t at 1.5
-            if need_prior:
-                _add_rows(d_prior, rows, dL)
-            dS = dL.to(query.dtype)  # gradient w.r.t. (scaled Q) K^T
-            if need_q:
-                d_query[..., rows, :] = dS @ key
-            if need_k:
-                d_key_t += (q_b.transpose(-1, -2).contiguous() @ dS).to(cdtype)
+            q_b, g_b = query[..., blk.rows, :], grad_out[..., blk.rows, :]
+            if isinstance(blk, _SupportBlock):
+                _support_backward(bw, blk, q_b, g_b)
+            else:
+                _dense_backward(bw, blk, q_b, g_b, _rows(mask, blk.rows), _rows(log_prior, blk.rows), dropout)
+        d_query, d_key, d_value = bw.d_query, bw.d_key, bw.d_value
         if d_query is not None:
             d_query.mul_(scale / epsilon)
         if d_key is not None:
-            d_key = (d_key + d_key_t.transpose(-1, -2)).to(key.dtype)
+            d_key = (d_key + bw.d_key_t.transpose(-1, -2)).to(key.dtype)
         if d_value is not None:
-            d_value = (d_value + d_value_t.transpose(-1, -2)).to(value.dtype)
-        return (
-            d_query,
-            d_key,
-            d_value,
-            None,
-            None if d_prior is None else d_prior.to(log_prior.dtype),
-            None, None, None, None, None, None,
+            d_value = (d_value + bw.d_value_t.transpose(-1, -2)).to(value.dtype)
+        d_prior = None if bw.d_prior is None else bw.d_prior.to(log_prior.dtype)
+        return (d_query, d_key, d_value, None, d_prior, None, None, None, None, None, None)
+
+
+@dataclass
+class _Backward:
+    """The inputs of a backward pass (``query`` scaled, ``key_t``/``value_t`` transposed copies) and its
+    gradient accumulators, None where no gradient is needed.  Products on dense blocks accumulate the key
+    and value gradients transposed (``d_key_t``, ``d_value_t``: ``(B, H, d, K)``), CSR products
+    untransposed (``d_key``, ``d_value``); ``buffer`` holds one block of dense scores."""
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    key_t: Tensor
+    value_t: Tensor
+    alpha: float
+    cdtype: torch.dtype
+    d_query: Tensor | None
+    d_key: Tensor | None
+    d_value: Tensor | None
+    d_key_t: Tensor | None
+    d_value_t: Tensor | None
+    d_prior: Tensor | None
+    buffer: Tensor
+    flat: dict[str, Tensor]  # key and value as (B H K, d) matrices of the compute dtype, once needed
+
+    @classmethod
+    def start(
+        cls,
+        blocks: list[_SupportBlock | _DenseBlock],
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        log_prior: Tensor | None,
+        needs_input_grad: tuple[bool, ...],
+        alpha: float,
+    ) -> _Backward:
+        cdtype = compute_dtype(query.dtype)
+        need_q, need_k, need_v, _, need_prior = needs_input_grad[:5]
+        key_t = key.transpose(-1, -2).contiguous()  # (B, H, d, K)
+        value_t = value.transpose(-1, -2).contiguous()  # (B, H, d_v, K)
+
+        def zeros(shape: torch.Size, needed: bool) -> Tensor | None:
+            return torch.zeros(shape, dtype=cdtype, device=query.device) if needed else None
+
+        dense = [b for b in blocks if need_prior or not (isinstance(b, _SupportBlock) and b.csr)]
+        block_rows = max((b.rows.stop - b.rows.start for b in dense), default=0)
+        return cls(
+            query=query,
+            key=key,
+            value=value,
+            key_t=key_t,
+            value_t=value_t,
+            alpha=alpha,
+            cdtype=cdtype,
+            d_query=torch.zeros_like(query) if need_q else None,
+            d_key=zeros(key.shape, need_k),
+            d_value=zeros(value.shape, need_v),
+            d_key_t=zeros(key_t.shape, need_k),
+            d_value_t=zeros(value_t.shape, need_v),
+            d_prior=zeros(log_prior.shape, need_prior) if log_prior is not None else None,
+            buffer=query.new_empty((*query.shape[:-2], block_rows, key.shape[-2]), dtype=cdtype),
+            flat={},
         )
+
+    @property
+    def needs_scores_grad(self) -> bool:
+        """Whether the gradient w.r.t. the logits is needed (for the queries, keys or the prior)."""
+        return self.d_query is not None or self.d_key is not None or self.d_prior is not None
+
+    def flat_c(self, name: str) -> Tensor:
+        """``key`` or ``value`` as a ``(B H K, d)`` matrix of the compute dtype (made once)."""
+        if name not in self.flat:
+            self.flat[name] = _flat(getattr(self, name), self.cdtype)
+        return self.flat[name]
+
+
+def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tensor) -> None:
+    """Accumulates the gradients of a block kept as its support: sparse CSR products, or dense products
+    on the scattered weights."""
+    n_keys = bw.key.shape[-2]
+    n_rows, shape = blk.crow.numel() - 1, (*g_b.shape[:-1], n_keys)  # R, (B, H, q, K)
+    n_flat_keys = bw.key.shape[0] * bw.key.shape[1] * n_keys
+    size, size_t = (n_rows, n_flat_keys), (n_flat_keys, n_rows)
+    dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
+    g_flat = _flat(g_b, bw.cdtype)  # (R, d_v)
+    if blk.csr:
+        crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
+        if bw.d_value is not None:
+            d_v = _csr_matrix(crow_t, col_t, dropped[order], size_t) @ g_flat  # (B H K, d_v)
+            bw.d_value.view(-1, d_v.shape[-1]).add_(d_v)
+    elif bw.d_value_t is not None:
+        dense = _scattered(bw.buffer, blk, dropped, shape).to(g_b.dtype)
+        bw.d_value_t += (g_b.transpose(-1, -2).contiguous() @ dense).to(bw.cdtype)
+    if not bw.needs_scores_grad:
+        return
+    if blk.csr:  # dP on the support: a sampled product (beta = 0: the pattern's values unused)
+        pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
+        dL = torch.sparse.sampled_addmm(pattern, g_flat, bw.flat_c("value").t(), beta=0.0).values()
+    else:
+        dL = (g_b @ bw.value_t).to(bw.cdtype).view(-1)[_dense_index(blk, n_keys)]
+    if blk.keep is not None:
+        dL.mul_(blk.keep)
+    dL = _csr_entmax_backward(dL, _gppr(blk.weights, bw.alpha), blk.row, n_rows)  # (nnz,)
+    if not blk.csr:
+        _scores_backward(bw, blk.rows, q_b, _scattered(bw.buffer, blk, dL, shape))
+        return
+    if bw.d_prior is not None:
+        _add_rows(bw.d_prior, blk.rows, _scattered(bw.buffer, blk, dL, shape))
+    if bw.d_query is not None:
+        d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ bw.flat_c("key")  # (R, d)
+        bw.d_query[..., blk.rows, :] = d_q.reshape(q_b.shape)
+    if bw.d_key is not None:
+        d_k = _csr_matrix(crow_t, col_t, dL[order], size_t) @ _flat(q_b, bw.cdtype)  # (B H K, d)
+        bw.d_key.view(-1, d_k.shape[-1]).add_(d_k)
+
+
+def _dense_backward(
+    bw: _Backward,
+    blk: _DenseBlock,
+    q_b: Tensor,
+    g_b: Tensor,
+    mask_b: Tensor | None,
+    prior_b: Tensor | None,
+    dropout: float,
+) -> None:
+    """Accumulates the gradients of a dense block: its scores and ``P`` recomputed as in the forward."""
+    logits = _block_logits(q_b, bw.key_t, prior_b, bw.cdtype, bw.buffer)
+    X = _shifted(logits, mask_b, blk.row_max, bw.alpha)
+    P, t = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype), bw.alpha)  # (B, H, q, K)
+    keep = _seeded_keep(P, dropout, blk.seed) if dropout > 0.0 else None
+    if bw.d_value_t is not None:
+        dropped = P if keep is None else P * keep
+        bw.d_value_t += (g_b.transpose(-1, -2).contiguous() @ dropped.to(bw.value.dtype)).to(bw.cdtype)
+    if not bw.needs_scores_grad:
+        return
+    dL = (g_b @ bw.value_t).to(bw.cdtype)  # (B, H, q, K): gradient w.r.t. the (dropped) weights
+    if keep is not None:
+        dL.mul_(keep)
+    dL = _entmax_backward(dL, t if bw.alpha == 1.5 else _gppr(P, bw.alpha))  # sqrt(P) = t at 1.5
+    _scores_backward(bw, blk.rows, q_b, dL)
+
+
+def _scores_backward(bw: _Backward, rows: slice, q_b: Tensor, dL: Tensor) -> None:
+    """Accumulates the prior, query and key gradients of a block from the logits' gradient ``dL``
+    ``(B, H, q, K)`` by dense products."""
+    if bw.d_prior is not None:
+        _add_rows(bw.d_prior, rows, dL)
+    dS = dL.to(bw.query.dtype)  # gradient w.r.t. (scaled Q) K^T
+    if bw.d_query is not None:
+        bw.d_query[..., rows, :] = dS @ bw.key
+    if bw.d_key_t is not None:
+        bw.d_key_t += (q_b.transpose(-1, -2).contiguous() @ dS).to(bw.cdtype)
 
 
 def _bernoulli_keep(P: Tensor, dropout: float) -> Tensor:
