@@ -35,6 +35,7 @@ computing the weights first.  The values equal those of
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -279,12 +280,27 @@ def _gppr(P: Tensor, alpha: float) -> Tensor:
     return P.pow(2.0 - alpha)
 
 
-def _entmax_backward(dP: Tensor, gppr: Tensor) -> Tensor:
-    """``dL = g dP - g <g, dP> / sum(g)`` (in place on ``dP``): the gradient w.r.t. the logits."""
+def _last_dim_sums(x: Tensor) -> Tensor:
+    """Sums over the last dimension ``(..., 1)``."""
+    return x.sum(dim=-1, keepdim=True)
+
+
+def _entmax_backward(
+    dP: Tensor, gppr: Tensor, row_sums: Callable[[Tensor], Tensor] = _last_dim_sums
+) -> Tensor:
+    """``dL = g dP - g <g, dP> / sum(g)`` (in place on ``dP``): the gradient w.r.t. the logits, row by row;
+    ``row_sums`` gives each entry the sum of its row (rows of the last dimension, or the support entries of
+    a block: :func:`_support_row_sums`)."""
     dL = dP.mul_(gppr)
-    den = gppr.sum(dim=-1, keepdim=True)
-    coef = dL.sum(dim=-1, keepdim=True) / torch.where(den > 0, den, torch.ones_like(den))
+    den = row_sums(gppr)
+    coef = row_sums(dL) / torch.where(den > 0, den, torch.ones_like(den))
     return dL.addcmul_(gppr, coef, value=-1.0)
+
+
+def _support_row_sums(block: _SupportBlock) -> Callable[[Tensor], Tensor]:
+    """Sums over the rows of a block's support entries ``(nnz,)``, each entry getting its row's sum."""
+    n_rows = block.crow.numel() - 1
+    return lambda x: x.new_zeros(n_rows).index_add_(0, block.row, x)[block.row]
 
 
 def _scattered(buffer: Tensor, block: _SupportBlock, values: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -314,19 +330,6 @@ def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, T
     ascending) and the permutation of the entries."""
     order = torch.argsort(block.col, stable=True)
     return _row_pointers(block.col[order], n_cols), block.row[order], order
-
-
-def _row_sums(values: Tensor, row: Tensor, n_rows: int) -> Tensor:
-    """Sum of the entries of every row of a CSR matrix ``(R,)`` from its values and entry rows."""
-    return values.new_zeros(n_rows).index_add_(0, row, values)
-
-
-def _csr_entmax_backward(dP: Tensor, gppr: Tensor, row: Tensor, n_rows: int) -> Tensor:
-    """:func:`_entmax_backward` on CSR values: ``dL = g dP - g <g, dP> / sum(g)`` row by row."""
-    dL = dP.mul_(gppr)
-    den = _row_sums(gppr, row, n_rows)
-    coef = _row_sums(dL, row, n_rows) / torch.where(den > 0, den, torch.ones_like(den))
-    return dL.addcmul_(gppr, coef[row], value=-1.0)
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -515,7 +518,8 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
     dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
     g_flat = _flat(g_b, bw.cdtype)  # (R, d_v)
     if blk.csr:
-        crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
+        if bw.d_value is not None or bw.d_key is not None:
+            crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
         if bw.d_value is not None:
             d_v = _csr_matrix(crow_t, col_t, dropped[order], size_t) @ g_flat  # (B H K, d_v)
             bw.d_value.view(-1, d_v.shape[-1]).add_(d_v)
@@ -531,7 +535,7 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
         dL = (g_b @ bw.value_t).to(bw.cdtype).view(-1)[_dense_index(blk, n_keys)]
     if blk.keep is not None:
         dL.mul_(blk.keep)
-    dL = _csr_entmax_backward(dL, _gppr(blk.weights, bw.alpha), blk.row, n_rows)  # (nnz,)
+    dL = _entmax_backward(dL, _gppr(blk.weights, bw.alpha), _support_row_sums(blk))  # (nnz,)
     if not blk.csr:
         _scores_backward(bw, blk.rows, q_b, _scattered(bw.buffer, blk, dL, shape))
         return
