@@ -213,8 +213,8 @@ class _ImplicitSinkhorn(torch.autograd.Function):
 def _fixed_solve(f: Tensor, prob: _Problem, n_iters: int) -> tuple[Tensor, _LogOps | _ScalingOps]:
     """``n_iters`` plain iterations from ``g = 0``: in the scaling domain (one exponential, then
     matrix-vector products) when it is safe, eager mode only; else, and under ``torch.compile`` or CUDA
-    graph capture (no host sync), in the log domain.  Both give the same iterates to round-off.  Returns the column potentials
-    and the half-step implementation that computed them (for the final plan)."""
+    graph capture (no host sync), in the log domain.  Both give the same iterates to round-off.  Returns
+    the column potentials and the half-step implementation that computed them (for the final plan)."""
     targets = prob.targets
     capturing = f.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph: no host sync
     if n_iters > 0 and not torch.compiler.is_compiling() and not capturing:
@@ -309,9 +309,8 @@ def sinkhorn_weights(
             ``(n_heads, 1, 1)``) is accepted.
         n_iters: ``k`` runs exactly ``k`` plain iterations (eager mode: scaling domain when safe, one or
             two host syncs; under ``torch.compile`` or CUDA graph capture, and with ``grad="unroll"``: log
-            domain, no host sync, ``torch.compile(fullgraph=True)`` friendly);
-            ``None`` iterates (over-relaxed, scaling
-            domain when safe) until the column-marginal error of every problem is ``<= tol``
+            domain, no host sync, ``torch.compile(fullgraph=True)`` friendly); ``None`` iterates
+            (over-relaxed, scaling domain when safe) until the column-marginal error of every problem is ``<= tol``
             (checked every ``check_every`` iterations) or ``max_iters``, warning once
             (:class:`SinkhornConvergenceWarning`) when not converged.
         tol: target column-marginal error (also defines ``converged`` in fixed mode).
