@@ -149,7 +149,8 @@ def candidates(heads: int, d: int) -> dict[str, tuple[Attention, str | None]]:
     for std in (1, 4):
         plain = f"sinkhorn plain {PLAIN_ITERS} it, std {std}"
         rows[f"sinkhorn hf_eot tol 1e-6, std {std}"] = (_weights_then_values(_hf_sinkhorn, std), plain)
-        rows[f"sinkhorn hf_eot {PLAIN_ITERS} it, std {std}"] = (_weights_then_values(_hf_sinkhorn_fixed, std), plain)
+        fixed = _weights_then_values(_hf_sinkhorn_fixed, std)
+        rows[f"sinkhorn hf_eot {PLAIN_ITERS} it, std {std}"] = (fixed, plain)
         rows[plain] = (_weights_then_values(lambda s: plain_sinkhorn(s, PLAIN_ITERS), std), None)
         rows[f"sinkhorn POT tol 1e-6, std {std}"] = (_weights_then_values(_pot_sinkhorn, std), plain)
     return rows

@@ -70,7 +70,9 @@ def csr_crossover() -> None:
             ms = {}
             for name, fraction in (("csr", 1.0), ("dense", 0.0)):
                 sparse_attention.CSR_FRACTION = fraction
-                ms[name] = _cpu_ms(lambda a=alpha, s=scale: entmax_attention(q, k, v, alpha=a, scale=s * dim**-0.5))
+                ms[name] = _cpu_ms(
+                    lambda a=alpha, s=scale: entmax_attention(q, k, v, alpha=a, scale=s * dim**-0.5)
+                )
             with torch.no_grad():
                 weights = entmax_weights((q @ k.transpose(-1, -2)) * (scale * dim**-0.5), alpha)
                 support = float((weights > 0).sum(dim=-1).float().mean()) / n

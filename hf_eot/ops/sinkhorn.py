@@ -310,8 +310,8 @@ def sinkhorn_weights(
         n_iters: ``k`` runs exactly ``k`` plain iterations (eager mode: scaling domain when safe, one or
             two host syncs; under ``torch.compile`` or CUDA graph capture, and with ``grad="unroll"``: log
             domain, no host sync, ``torch.compile(fullgraph=True)`` friendly); ``None`` iterates
-            (over-relaxed, scaling domain when safe) until the column-marginal error of every problem is ``<= tol``
-            (checked every ``check_every`` iterations) or ``max_iters``, warning once
+            (over-relaxed, scaling domain when safe) until the column-marginal error of every problem
+            is ``<= tol`` (checked every ``check_every`` iterations) or ``max_iters``, warning once
             (:class:`SinkhornConvergenceWarning`) when not converged.
         tol: target column-marginal error (also defines ``converged`` in fixed mode).
         max_iters: iteration cap when ``n_iters is None``.

@@ -252,7 +252,8 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
     ref = _reference(q, k, v, 2.0, mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
+    ours, theirs = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
