@@ -121,17 +121,14 @@ class _ScalingOps:
         kmin = self.kb if self.mask is None else torch.where(self.mask, self.kb, 1.0)
         return bool(kmin.amin() >= torch.finfo(self.kb.dtype).tiny ** 0.75) if kmin.numel() else True
 
-    def scaling_bound(self) -> float:
-        """Bound on the log-scalings ``c + f`` and ``d + g``: their exponentials, and products of two of
-        them, stay within the kernel dtype's range."""
-        return 0.5 * math.log(torch.finfo(self.kb.dtype).max)
-
-    def in_range(self, f: Tensor, g: Tensor) -> bool:
-        """Whether the potentials are finite and their scalings within :meth:`scaling_bound` (host sync)."""
+    def out_of_range(self, f: Tensor, g: Tensor) -> Tensor:
+        """0-dim bool tensor (no host sync): a log-scaling ``c + f`` or ``d + g`` is not finite or beyond
+        half the log of the kernel dtype's largest value (so that their exponentials, and products of two
+        of them, stay in range)."""
         if not f.numel() or not g.numel():
-            return True
+            return torch.zeros((), dtype=torch.bool, device=f.device)
         worst = torch.maximum((self.c + f).abs().amax(), (self.d + g).abs().amax())
-        return bool(worst <= self.scaling_bound())  # False for NaN
+        return ~(worst <= 0.5 * math.log(torch.finfo(self.kb.dtype).max))  # True for NaN
 
     def _scaling(self, pot: Tensor) -> Tensor:
         return torch.exp(pot).to(self.kb.dtype)
@@ -222,8 +219,6 @@ def over_relaxed_solve(
     Starts from ``ops.initial_g()``.  Host syncs only at the checks.  ``fallback`` (log-domain ops) takes over from the last checked
     state if the scaling-domain iterates leave the floating-point range.
     """
-    # bound on the log-scalings exp(c + f), exp(d + g) in the kernel's dtype
-    lim = ops.scaling_bound() if isinstance(ops, _ScalingOps) else math.inf
     g = ops.initial_g()
     omega = torch.ones(g.shape[:-1], dtype=g.dtype, device=g.device)  # (...,)
     f = targets.row(ops.row_lse(g))
@@ -235,7 +230,7 @@ def over_relaxed_solve(
         worst = err.amax() if err.numel() else err.new_zeros(())
         bad = ~torch.isfinite(worst)
         if isinstance(ops, _ScalingOps):
-            bad = bad | ((ops.c + f).abs().amax() > lim) | ((ops.d + g).abs().amax() > lim)
+            bad = bad | ops.out_of_range(f, g)
         worst_v, bad_v = torch.stack([worst, bad.to(worst.dtype)]).tolist()  # the one host sync
         if bad_v and fallback is not None:  # restart in the log domain from the last checked state
             ops, fallback, g, prev_err = fallback, None, g_ok.to(fallback.vdtype), None

@@ -222,7 +222,7 @@ def _fixed_solve(f: Tensor, prob: _Problem, n_iters: int) -> tuple[Tensor, _LogO
         if scaling.is_safe():  # host sync
             g0 = torch.zeros(f.shape[:-2] + f.shape[-1:], dtype=scaling.vdtype, device=f.device)
             g = fixed_iterations(scaling, targets, g0, n_iters)
-            if scaling.in_range(targets.row(scaling.row_lse(g)), g):  # host sync
+            if not bool(scaling.out_of_range(targets.row(scaling.row_lse(g)), g)):  # host sync
                 return g, scaling
         del scaling
     return fixed_iterations(prob.log_ops, targets, prob.zeros_cols(), n_iters), prob.log_ops
