@@ -6,15 +6,16 @@ Every alpha-entmax row is ``p_j = [(alpha - 1) (L_j - m) - tau]_+^{1/(alpha-1)} 
 Niculae & Martins 2019, eq. (10)) with ``m`` the row maximum, ``tau`` the threshold and ``Z`` 1 for the
 exact maps (alpha = 2, 1.5) or the sum before renormalisation (Newton's threshold, other alpha).
 
-Per block of queries the scores come from one matrix product.  The first block finds its thresholds
-over whole rows; every later one from the ``k`` largest entries of each row (``torch.topk``, ``k`` a
-little above the previous block's largest support), which is exact when the row's support lies in its
-top ``k`` (checked per row: the rows whose support may continue are solved again from their top
+Per block of queries the scores come from one matrix product.  Each block finds its thresholds from the
+``k`` largest entries of each row (``torch.topk``, ``k`` a little above the previous block's largest
+support, or its 90% quantile for Newton's threshold, whose supports are wider; for the first block, that
+of a sample of its rows solved over whole rows), which is exact when the row's support lies in its top
+``k`` (checked per row: the rows whose support may continue are solved again from their top
 ``2 k``, ``4 k``, ..., and from their whole rows once that passes a third of the keys, if they are
 few; else the block falls back to the dense mode).  The block's mode follows its support:
 
-* **csr** (at most :data:`CSR_FRACTION` of the entries in the support, e.g. sparsemax and 1.5-entmax
-  at long lengths, on CPU and CUDA): only the support is kept, compacted to a sparse CSR matrix over all
+* **csr** (at most :data:`CSR_FRACTION` of the entries in the support, e.g. sparsemax, 1.5-entmax and
+  1.3-entmax at 1024 keys, on CPU and CUDA): only the support is kept, compacted to a sparse CSR matrix over all
   batches and heads (its weights, key indices and row pointers).  ``P V`` and the backward are sparse
   products, ``O(nnz d)`` instead of ``O(q n d)``: ``P V``, ``P^T dO`` and ``dL K``, ``dL^T Q`` as
   CSR-times-dense products, and ``dP_j = <dO, v_j>`` only on the support (a sampled product); with
@@ -23,7 +24,7 @@ few; else the block falls back to the dense mode).  The block's mode follows its
 * **scatter** (wider supports, or devices without sparse CSR products): the support is kept the same
   way, and the products are matrix products on the weights scattered into a dense block (no recomputed
   scores).
-* **dense** (the first block, and wider supports): only ``m, tau, Z`` per row, as the log-sum-exp in
+* **dense** (wider supports, and under torch.compile): only ``m, tau, Z`` per row, as the log-sum-exp in
   flash attention; the backward recomputes the block's scores and ``P`` bit for bit.
 
 Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports (20 bytes
@@ -43,7 +44,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._masking import compute_dtype, sum_to_shape
-from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold
+from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold, _nonnegative_power
 from .sparsemax import ThresholdFn, _partial_sort_threshold, _sparsemax_threshold
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention", "fused_pays"]
@@ -65,9 +66,9 @@ _TOP_K_FRACTION = 1 / 3
 _WHOLE_ROWS_FRACTION = 1 / 8
 #: ... and the block's products are sparse (CSR) products over the support (instead of matrix products on
 #: the weights scattered into a dense block) while its support holds at most this fraction of the entries:
-#: a conservative choice, CSR being still 4% faster at 11% (``python benchmarks/fused_crossover.py csr``,
-#: one CPU thread; not measured on CUDA).
-CSR_FRACTION = 1 / 10
+#: CSR was 0.82-0.92x the dense products' time at 11-14% and 0.99x at 22% (``python
+#: benchmarks/fused_crossover.py csr``, one CPU thread; not measured on CUDA).
+CSR_FRACTION = 1 / 5
 #: Devices whose torch backend has the sparse CSR products used here (``mm``, ``sampled_addmm``); other
 #: devices take the scattered weights.
 _CSR_DEVICES = ("cpu", "cuda")
@@ -142,12 +143,12 @@ def _shifted(logits: Tensor, mask: Tensor | None, row_max: Tensor, alpha: float)
 
 
 def _power(t: Tensor, alpha: float) -> Tensor:
-    """``t^{1/(alpha-1)}`` (a fresh tensor, or ``t`` itself for sparsemax)."""
+    """``t^{1/(alpha-1)}`` for ``t >= 0`` (a fresh tensor, or ``t`` itself for sparsemax)."""
     if alpha == 2.0:
         return t
     if alpha == 1.5:
         return t * t
-    return t.pow(1.0 / (alpha - 1.0))
+    return _nonnegative_power(t, 1.0 / (alpha - 1.0))
 
 
 def _sort_rule(alpha: float) -> ThresholdFn:
@@ -155,26 +156,55 @@ def _sort_rule(alpha: float) -> ThresholdFn:
     return _sparsemax_threshold if alpha == 2.0 else _entmax15_threshold
 
 
-def _newton_total(X: Tensor, tau: Tensor, alpha: float) -> Tensor:
-    """Newton's normaliser ``Z = sum_j [X_j - tau]_+^{1/(alpha-1)}`` ``(..., 1)``, 1 where it is 0."""
-    total = _power(torch.sub(X, tau).clamp_(min=0.0), alpha).sum(dim=-1, keepdim=True)
+def _newton_total(powers: Tensor) -> Tensor:
+    """Newton's normaliser ``Z = sum_j [X_j - tau]_+^{1/(alpha-1)}`` ``(..., 1)`` from the powers
+    ``(..., K)``, 1 where it is 0."""
+    total = powers.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Threshold from the sorted-decreasing top entries ``V`` ``(R, k)`` of rows of max 0.
+def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Tensor]:
+    """Threshold from the top entries ``V`` ``(R, k)`` of rows of max 0 (sorted decreasing for the
+    sort-based rules, in any order for Newton's).
 
-    Returns ``(tau, total, exact)`` ``(R, 1)`` (``total`` None for the exact maps): ``exact`` says the
-    support lies in ``V`` (then ``tau`` is the row's threshold): fewer than ``k`` entries in the support,
-    or ``V`` holds every entry above the floor (sort-based rules); the last entry of ``V`` at or below
-    ``tau`` (Newton).
+    Returns ``(tau, exact)`` ``(R, 1)``: ``exact`` says the support lies in ``V`` (then ``tau`` is the row's
+    threshold): fewer than ``k`` entries in the support, or ``V`` holds every entry above the floor
+    (sort-based rules); the smallest entry of ``V`` at or below ``tau`` (Newton).
     """
     k = V.shape[-1]
     if alpha in (1.5, 2.0):
         tau, support = _sort_rule(alpha)(V)
-        return tau, None, (support < k) | (V[:, -1:] <= -1.0)
+        return tau, (support < k) | (V[:, -1:] <= -1.0)
     tau = _entmax_newton_threshold(V, alpha - 1.0, float(k), max_iters)
-    return tau, _newton_total(V, tau, alpha), V[:, -1:] <= tau
+    return tau, V.amin(dim=-1, keepdim=True) <= tau
+
+
+#: Newton's top k is sized from this quantile of the previous block's support sizes (the rows beyond it are
+#: solved again from a wider top k).
+_NEWTON_SUPPORT_QUANTILE = 0.9
+
+
+def _typical_support(sizes: Tensor, alpha: float) -> int:
+    """The support size that sizes the next block's top k, from the sizes ``(R,)`` of a block's rows: the
+    largest for the sort-based maps (their top k is cheap), a high quantile for Newton's wider supports
+    (host sync)."""
+    if alpha in (1.5, 2.0):
+        return int(sizes.max())
+    return int(torch.quantile(sizes.to(torch.float32), _NEWTON_SUPPORT_QUANTILE))
+
+
+#: The first block sizes its top k from the exact supports of this many of its rows.
+_SAMPLE_ROWS = 64
+
+
+def _sampled_support(logits: Tensor, alpha: float, max_iters: int, masked: bool) -> int:
+    """The typical support (:func:`_typical_support`) of the rows of a block ``(R, n)`` (masked keys at -inf),
+    from the exact supports over whole rows of an evenly spaced sample of :data:`_SAMPLE_ROWS` rows."""
+    sample = logits[:: max(1, logits.shape[0] // _SAMPLE_ROWS)]
+    X = _shifted(sample.clone(), None, _row_max(sample, masked), alpha)  # masked keys: -inf -> the floor
+    tau = _dense_threshold(X, None, alpha, max_iters, None)
+    in_support = (X > tau) & (X > _floor(alpha))  # entries at the floor (masked keys) never are
+    return _typical_support(in_support.sum(dim=-1), alpha)
 
 
 def _top_support(
@@ -198,22 +228,24 @@ def _top_support(
                 return None
             k = n_keys  # the few rows left: whole rows
         part = logits if todo is None else logits.index_select(0, todo)
-        V, index = torch.topk(part, k, dim=-1, sorted=True)
-        X = _shifted(V, None, _row_max(V[:, :1], row_valid is not None), alpha)  # _row_max copies V[:, :1]
-        tau, total, exact = _top_threshold(X, alpha, max_iters)
+        # Newton's threshold takes the top entries in any order (a cheaper top k for its wide supports)
+        V, index = torch.topk(part, k, dim=-1, sorted=alpha in (1.5, 2.0))
+        X = _shifted(V, None, _row_max(V, row_valid is not None), alpha)
+        tau, exact = _top_threshold(X, alpha, max_iters)
         if k == n_keys:
             exact = torch.isfinite(tau)
         exact &= ~torch.isnan(X[:, :1])  # -inf rows without a mask
         P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
-        if total is not None:
-            P.div_(total)
+        if alpha not in (1.5, 2.0):
+            P.div_(_newton_total(P))
         row = torch.arange(n_rows, device=logits.device) if todo is None else todo
         solved = (P > 0) & exact
         if row_valid is not None:
             solved &= row_valid.index_select(0, row).unsqueeze(-1)
-        weights.append(P[solved])
-        rows.append(row.unsqueeze(-1).expand_as(P)[solved])
-        keys.append(index[solved])
+        entry = solved.view(-1).nonzero().squeeze(-1)  # (nnz,) into the flattened (rows, k) top entries
+        weights.append(P.reshape(-1).index_select(0, entry))  # index_select: faster than [entry] on CPU
+        rows.append(row.index_select(0, entry.div(k, rounding_mode="floor")))
+        keys.append(index.reshape(-1).index_select(0, entry))
         unsolved = (~exact.squeeze(-1)).nonzero().squeeze(-1)  # host sync
         if not unsolved.numel():
             return torch.cat(weights), torch.cat(rows), torch.cat(keys)
@@ -229,12 +261,18 @@ def _support_block(
     """The :class:`_SupportBlock` of support entries (weights, rows, keys) of a ``(B, H, q, K)`` block:
     entries sorted by row then key, row pointers, flattened key columns, and dropout multipliers."""
     n_rows, n_queries, n_keys = shape[0] * shape[1] * shape[2], shape[2], shape[3]
-    entry, order = (row * n_keys + key).sort()
+    entry, order = _sort_keys(row * n_keys + key, n_rows * n_keys).sort()
+    entry = entry.long()
     row = entry.div(n_keys, rounding_mode="floor")
     col = entry - row * n_keys + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
-    weights = weights[order]
+    weights = weights.index_select(0, order)
     keep = _bernoulli_keep(weights, dropout) if dropout > 0.0 else None
     return _SupportBlock(rows, weights, keep, _row_pointers(row, n_rows), col, row, csr)
+
+
+def _sort_keys(keys: Tensor, bound: int) -> Tensor:
+    """Integer sort keys in ``[0, bound)`` as int32 when they fit (faster to sort than int64 on CPU)."""
+    return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
 
 
 def _row_pointers(row: Tensor, n_rows: int) -> Tensor:
@@ -246,29 +284,31 @@ def _row_pointers(row: Tensor, n_rows: int) -> Tensor:
 
 def _dense_threshold(
     X: Tensor, mask: Tensor | None, alpha: float, max_iters: int, support_hint: int | None
-) -> tuple[Tensor, Tensor | None]:
-    """The exact threshold of every row of ``X`` ``(B, H, q, K)`` over all keys, and Newton's normaliser."""
+) -> Tensor:
+    """The exact threshold of every row of ``X`` ``(B, H, q, K)`` over all keys ``(B, H, q, 1)``."""
     shape = (*X.shape[:-1], 1)
     if alpha in (1.5, 2.0):
         tau = _partial_sort_threshold(X.reshape(-1, X.shape[-1]), _sort_rule(alpha), support_hint)[0]
-        return tau.reshape(shape), None
+        return tau.reshape(shape)
     allowed = float(X.shape[-1]) if mask is None else mask.sum(dim=-1, keepdim=True).clamp_(min=1).to(X.dtype)
-    tau = _entmax_newton_threshold(X, alpha - 1.0, allowed, max_iters)
-    return tau, _newton_total(X, tau, alpha)
+    return _entmax_newton_threshold(X, alpha - 1.0, allowed, max_iters)
 
 
 def _dense_weights(
     X: Tensor, tau: Tensor, total: Tensor | None, row_valid: Tensor | None, alpha: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``P = t^{1/(alpha-1)} / Z`` with ``t = [X - tau]_+`` (in place on ``X``) and fully masked rows 0;
-    returns ``(P, t)`` (``t = sqrt(P)`` for 1.5-entmax, ``t = P`` for sparsemax)."""
+    returns ``(P, t, Z)`` (``t = sqrt(P)`` for 1.5-entmax, ``t = P`` for sparsemax).  ``Z`` is Newton's
+    normaliser ``total`` (None: computed from the row sums, as in the forward; the backward passes the
+    forward's, and so recomputes ``P`` bit for bit); the exact maps have none."""
     t = X.sub_(tau).clamp_(min=0.0)
     if row_valid is not None:
         t.mul_(row_valid)
     P = _power(t, alpha)
-    if total is not None:
+    if alpha not in (1.5, 2.0):
+        total = _newton_total(P) if total is None else total
         P.div_(total)
-    return P, t
+    return P, t, total
 
 
 def _gppr(P: Tensor, alpha: float) -> Tensor:
@@ -277,7 +317,7 @@ def _gppr(P: Tensor, alpha: float) -> Tensor:
         return torch.sign(P)
     if alpha == 1.5:
         return torch.sqrt(P)
-    return P.pow(2.0 - alpha)
+    return _nonnegative_power(P, 2.0 - alpha)
 
 
 def _last_dim_sums(x: Tensor) -> Tensor:
@@ -300,7 +340,7 @@ def _entmax_backward(
 def _support_row_sums(block: _SupportBlock) -> Callable[[Tensor], Tensor]:
     """Sums over the rows of a block's support entries ``(nnz,)``, each entry getting its row's sum."""
     n_rows = block.crow.numel() - 1
-    return lambda x: x.new_zeros(n_rows).index_add_(0, block.row, x)[block.row]
+    return lambda x: x.new_zeros(n_rows).index_add_(0, block.row, x).index_select(0, block.row)
 
 
 def _scattered(buffer: Tensor, block: _SupportBlock, values: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -328,8 +368,8 @@ def _csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]
 def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
     """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows,
     ascending) and the permutation of the entries."""
-    order = torch.argsort(block.col, stable=True)
-    return _row_pointers(block.col[order], n_cols), block.row[order], order
+    order = torch.argsort(_sort_keys(block.col, n_cols), stable=True)
+    return _row_pointers(block.col.index_select(0, order), n_cols), block.row.index_select(0, order), order
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -365,7 +405,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         seed = int(torch.randint(2**62, (), device="cpu")) if dropout > 0.0 else 0
         buffer = query.new_empty((*query.shape[:-2], min(block, n_queries), n_keys), dtype=cdtype)
         blocks: list[_SupportBlock | _DenseBlock] = []
-        support: int | None = None  # the largest support of the previous block
+        support: int | None = None  # the typical support of the previous block (or the first block's sample)
         csr_device = value.device.type in _CSR_DEVICES
         value_c: Tensor | None = None  # the values as a (B H K, d_v) matrix of the compute dtype, once needed
         for start in range(0, n_queries, block):
@@ -376,7 +416,9 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 logits.masked_fill_(~mask_b, float("-inf"))
             row_valid = _row_valid(mask_b, cdtype)
             top = None
-            if support is not None and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling():
+                if support is None:
+                    support = _sampled_support(logits.view(-1, n_keys), alpha, max_iters, mask_b is not None)
                 guess = max(8, (5 * support) // 4 + 1)
                 valid = None if row_valid is None else row_valid.view(-1).bool()
                 top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, valid)
@@ -385,7 +427,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 n_rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
                 csr = csr_device and weights.numel() <= CSR_FRACTION * n_rows * n_keys
                 blk = _support_block(rows, weights, row, key_index, logits.shape, dropout, csr)
-                support = int(blk.crow.diff().max()) if n_rows else 0
+                support = _typical_support(blk.crow.diff(), alpha) if n_rows else 0
                 dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
                 if csr:
                     if value_c is None:
@@ -398,10 +440,10 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             else:
                 row_max = _row_max(logits, mask_b is not None)
                 X = _shifted(logits, mask_b, row_max, alpha)
-                tau, total = _dense_threshold(X, mask_b, alpha, max_iters, support)
-                P, _ = _dense_weights(X, tau, total, row_valid, alpha)
+                tau = _dense_threshold(X, mask_b, alpha, max_iters, support)
+                P, _, total = _dense_weights(X, tau, None, row_valid, alpha)
                 if not torch.compiler.is_compiling():
-                    support = int((P > 0).sum(dim=-1).max())
+                    support = _typical_support((P > 0).sum(dim=-1).view(-1), alpha)
                 if dropout > 0.0:
                     P.mul_(_seeded_keep(P, dropout, seed + start))
                 out[..., rows, :] = P.to(value.dtype) @ value
@@ -521,8 +563,10 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
         if bw.d_value is not None or bw.d_key is not None:
             crow_t, col_t, order = _csr_transpose(blk, n_flat_keys)
         if bw.d_value is not None:
-            d_v = _csr_matrix(crow_t, col_t, dropped[order], size_t) @ g_flat  # (B H K, d_v)
-            bw.d_value.view(-1, d_v.shape[-1]).add_(d_v)
+            # accumulated in place (a product then an addition copies a (B H K, d_v) matrix twice)
+            bw.d_value.view(-1, g_flat.shape[-1]).addmm_(
+                _csr_matrix(crow_t, col_t, dropped.index_select(0, order), size_t), g_flat
+            )
     elif bw.d_value_t is not None:
         dense = _scattered(bw.buffer, blk, dropped, shape).to(g_b.dtype)
         bw.d_value_t += (g_b.transpose(-1, -2).contiguous() @ dense).to(bw.cdtype)
@@ -532,7 +576,7 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
         pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
         dL = torch.sparse.sampled_addmm(pattern, g_flat, bw.flat_c("value").t(), beta=0.0).values()
     else:
-        dL = (g_b @ bw.value_t).to(bw.cdtype).view(-1)[_dense_index(blk, n_keys)]
+        dL = (g_b @ bw.value_t).to(bw.cdtype).view(-1).index_select(0, _dense_index(blk, n_keys))
     if blk.keep is not None:
         dL.mul_(blk.keep)
     dL = _entmax_backward(dL, _gppr(blk.weights, bw.alpha), _support_row_sums(blk))  # (nnz,)
@@ -545,8 +589,10 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
         d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ bw.flat_c("key")  # (R, d)
         bw.d_query[..., blk.rows, :] = d_q.reshape(q_b.shape)
     if bw.d_key is not None:
-        d_k = _csr_matrix(crow_t, col_t, dL[order], size_t) @ _flat(q_b, bw.cdtype)  # (B H K, d)
-        bw.d_key.view(-1, d_k.shape[-1]).add_(d_k)
+        q_flat = _flat(q_b, bw.cdtype)  # (R, d)
+        bw.d_key.view(-1, q_flat.shape[-1]).addmm_(
+            _csr_matrix(crow_t, col_t, dL.index_select(0, order), size_t), q_flat
+        )
 
 
 def _dense_backward(
@@ -561,7 +607,7 @@ def _dense_backward(
     """Accumulates the gradients of a dense block: its scores and ``P`` recomputed as in the forward."""
     logits = _block_logits(q_b, bw.key_t, prior_b, bw.cdtype, bw.buffer)
     X = _shifted(logits, mask_b, blk.row_max, bw.alpha)
-    P, t = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype), bw.alpha)  # (B, H, q, K)
+    P, t, _ = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype), bw.alpha)  # (B, H, q, K)
     keep = _seeded_keep(P, dropout, blk.seed) if dropout > 0.0 else None
     if bw.d_value_t is not None:
         dropped = P if keep is None else P * keep

@@ -304,3 +304,32 @@ def test_bad_inputs_raise() -> None:
             entmax_weights(x, 1.3, max_iters=bad_iters)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         entmax15_weights(x, torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.3, 1.4, 1.52, 1.99])
+def test_nonnegative_power_matches_pow(alpha: float) -> None:
+    """t^r computed as exp(r log t) on CPU (Newton's sums, the weights) equals torch.pow to float32 round-off
+    relative to each row's sum (1e-6), over rows whose largest entry is about 1 or 0.1 (Newton's rows reach
+    at least (1/d)^(alpha-1), 0.2 at 200 keys) and entries down to 1e-30; zeros give exactly 0, or for the
+    sums at most exp(-80) where that is below the smallest normal number's power (exponents of alpha up to
+    about 1.52, not 1.99: 0^0.01 would be 0.4); exponents that torch.pow computes fast keep torch.pow."""
+    from hf_eot.ops.entmax import _exp_log_pays, _nonnegative_power, _zeros_vanish
+
+    exponent = 1.0 / (alpha - 1.0) - 1.0
+    gen = torch.Generator().manual_seed(15)
+    t = (torch.rand(64, 200, generator=gen) - 0.5).clamp_(min=0.0)
+    t[:, :20] *= 1e-30
+    t[:8] *= 0.1
+    assert _exp_log_pays(exponent, t) and (t == 0).any()
+    exact = t.double().pow(exponent)
+    sums = exact.sum(dim=-1, keepdim=True)
+    for for_sums in (False, True):
+        ours = _nonnegative_power(t, exponent, for_sums=for_sums).double()
+        assert ((ours - exact).abs() / sums).max() < 1e-6
+        zeros = ours[t == 0]
+        if for_sums and _zeros_vanish(exponent, t.dtype):
+            assert alpha < 1.53 and (zeros <= 1.81e-35).all()
+        else:
+            assert (zeros == 0).all()
+    assert not any(_exp_log_pays(e, t) for e in (0.5, 1.0, 2.0, 3.0))
+    assert not _exp_log_pays(torch.tensor(2.5), t)  # a per-row alpha: torch.pow
