@@ -133,22 +133,24 @@ def _shifted_scaled_rows(logits: Tensor, am1: Tensor | float, mask: Tensor | Non
     return X.mul_(am1).clamp_(min=-1.0), row_valid
 
 
-#: ``exp(-80)`` ~ 1.8e-35: the smallest power :func:`_exp_log_power` gives (float32's smallest normal
-#: number is 1.2e-38: below it, ``exp`` takes a slow path on CPU).
-_MIN_LOG_POWER = -80.0
+def _min_log_power(dtype: torch.dtype) -> float:
+    """The log of the smallest power :func:`_exp_log_power` gives: 0.9 times the log of the smallest normal
+    number (float32: ``exp(-78.6)`` ~ 8e-35; below the smallest normal number ``exp`` takes a slow path on
+    CPU)."""
+    return 0.9 * math.log(torch.finfo(dtype).tiny)
 
 
 def _exp_log_power(t: Tensor, exponent: float, out: Tensor) -> Tensor:
     """``t^exponent`` for ``t >= 0`` as ``exp(exponent log t)`` into ``out``: 2-3x faster than
     ``torch.pow`` on CPU for exponents without a fast path there (``python benchmarks/entmax_power.py``).
 
-    ``t`` is clamped at the smallest normal number and ``exponent log t`` at -80, so that neither
-    ``log(0)`` nor denormal results take slow paths: powers below ``exp(-80)`` come out as 1.8e-35 (zeros
-    included: :func:`_nonnegative_power` puts them back), and the relative error of the others is about
-    ``|exponent log t| eps`` (largest for the smallest entries).
+    ``t`` is clamped at the smallest normal number and ``exponent log t`` at :func:`_min_log_power`, so
+    that neither ``log(0)`` nor denormal results take slow paths: smaller powers come out as that floor
+    (float32: 8e-35; zeros included: :func:`_nonnegative_power` puts them back), and the relative error of
+    the others is about ``|exponent log t| eps`` (largest for the smallest entries).
     """
     torch.clamp(t, min=torch.finfo(t.dtype).tiny, out=out)
-    return out.log_().mul_(exponent).clamp_(min=_MIN_LOG_POWER).exp_()
+    return out.log_().mul_(exponent).clamp_(min=_min_log_power(t.dtype)).exp_()
 
 
 def _exp_log_pays(exponent: Tensor | float, t: Tensor) -> bool:
@@ -163,9 +165,9 @@ def _exp_log_pays(exponent: Tensor | float, t: Tensor) -> bool:
 
 
 def _zeros_vanish(exponent: float, dtype: torch.dtype) -> bool:
-    """Whether :func:`_exp_log_power` sends 0 below ``exp(-80)`` (the smallest normal number's power is;
-    float32: exponents from 0.92), so that a sum needs no zeros put back."""
-    return exponent * math.log(torch.finfo(dtype).tiny) <= _MIN_LOG_POWER
+    """Whether :func:`_exp_log_power` sends 0 to its floor (the smallest normal number's power is below it:
+    exponents from 0.9), so that a sum needs no zeros put back."""
+    return exponent * math.log(torch.finfo(dtype).tiny) <= _min_log_power(dtype)
 
 
 def _nonnegative_power(
@@ -173,8 +175,8 @@ def _nonnegative_power(
 ) -> Tensor:
     """``t^exponent`` for ``t >= 0`` with ``0^exponent = 0`` (also for exponents <= 0): by
     :func:`_exp_log_power` where it pays, else ``torch.pow``.  ``for_sums``: the result only enters sums
-    over rows that have entries near 1 (Newton's), so zeros may stay at 1.8e-35 where that is below the
-    smallest normal number's power."""
+    over rows that have entries near 1 (Newton's), so zeros may stay at the floor of
+    :func:`_exp_log_power` where :func:`_zeros_vanish`."""
     out = torch.empty_like(t) if out is None else out
     if _exp_log_pays(exponent, t):
         _exp_log_power(t, exponent, out)

@@ -200,8 +200,11 @@ _SAMPLE_ROWS = 64
 def _sampled_support(logits: Tensor, alpha: float, max_iters: int, masked: bool) -> int:
     """The typical support (:func:`_typical_support`) of the rows of a block ``(R, n)`` (masked keys at -inf),
     from the exact supports over whole rows of an evenly spaced sample of :data:`_SAMPLE_ROWS` rows."""
-    sample = logits[:: max(1, logits.shape[0] // _SAMPLE_ROWS)]
-    X = _shifted(sample.clone(), None, _row_max(sample, masked), alpha)  # masked keys: -inf -> the floor
+    n_rows = logits.shape[0]
+    # evenly spaced over all rows, at a non-integer step: not every sampled row at the same query position
+    picks = torch.linspace(0, n_rows - 1, min(n_rows, _SAMPLE_ROWS), device=logits.device).round().long()
+    sample = logits.index_select(0, picks)
+    X = _shifted(sample, None, _row_max(sample, masked), alpha)  # masked keys: -inf -> the floor
     tau = _dense_threshold(X, None, alpha, max_iters, None)
     in_support = (X > tau) & (X > _floor(alpha))  # entries at the floor (masked keys) never are
     return _typical_support(in_support.sum(dim=-1), alpha)
@@ -230,11 +233,12 @@ def _top_support(
         part = logits if todo is None else logits.index_select(0, todo)
         # Newton's threshold takes the top entries in any order (a cheaper top k for its wide supports)
         V, index = torch.topk(part, k, dim=-1, sorted=alpha in (1.5, 2.0))
-        X = _shifted(V, None, _row_max(V, row_valid is not None), alpha)
+        row_max = _row_max(V, row_valid is not None)
+        X = _shifted(V, None, row_max, alpha)
         tau, exact = _top_threshold(X, alpha, max_iters)
         if k == n_keys:
             exact = torch.isfinite(tau)
-        exact &= ~torch.isnan(X[:, :1])  # -inf rows without a mask
+        exact &= torch.isfinite(row_max)  # rows with an infinite maximum (without a mask): NaN once shifted
         P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
         if alpha not in (1.5, 2.0):
             P.div_(_newton_total(P))

@@ -45,10 +45,17 @@ def _block_kinds(out: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("spread", [0.3, 6.0])
-def test_values_and_gradients_match_the_unfused_map(alpha: float, spread: float) -> None:
+@pytest.mark.parametrize("mode", ["support", "dense"])
+def test_values_and_gradients_match_the_unfused_map(
+    alpha: float, spread: float, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Outputs and the gradients of query, key, value and a learned prior equal the unfused map to float64
     round-off, with a padding mask (one fully masked row) and several query blocks, for flatter (spread
-    0.3) and peaked scores (spread 6)."""
+    0.3) and peaked scores (spread 6); every block keeps its support (the first sizes its top k from a
+    sample of its rows, whose masked keys do not count), or, with no top k allowed, every block is dense
+    (statistics only, the weights recomputed in the backward with the forward's normaliser)."""
+    if mode == "dense":
+        monkeypatch.setattr(sparse_attention, "_TOP_K_FRACTION", 0.0)
     q, k, v = _inputs(2, 3, 40, 320, 8, spread=spread, seed=0)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(2, 1, 40, 320, generator=gen) > 0.2
@@ -64,9 +71,7 @@ def test_values_and_gradients_match_the_unfused_map(alpha: float, spread: float)
     theirs = torch.autograd.grad(ref, (q, k, v, prior), grad)
     for name, a, b in zip("qkvp", ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
-    # every block keeps its support (the first sizes its top k from a sample of its rows), although one row
-    # is fully masked: its masked keys do not count as support in the sample
-    assert _block_kinds(out) == {"csr"}
+    assert _block_kinds(out) == ({"csr"} if mode == "support" else {"dense"})
 
 
 @pytest.mark.parametrize("csr", [True, False])
@@ -105,8 +110,8 @@ def test_the_block_modes_in_one_call(
 @pytest.mark.parametrize("spread", [0.5, 8.0])
 def test_gradcheck(alpha: float, spread: float) -> None:
     """Finite differences (float64, gradcheck's fast mode: random directions) agree with the analytic
-    backward of every block mode met (three query blocks: the first over whole rows, the next from their
-    top k, sparse CSR products on peaked scores)."""
+    backward of every block mode met (three query blocks from their top k, sparse CSR products on peaked
+    scores)."""
     q, k, v = _inputs(1, 2, 48, 288, 3, spread=spread, seed=3)
 
     def fn(q, k, v):
@@ -258,15 +263,21 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path() -> None:
-    """A query whose log-prior is -inf on every key (no mask) in a block that takes its threshold from the
-    top k: NaN, as the unfused map gives, and the other rows unchanged (the block falls back to whole
-    rows instead of leaving the row out of the support)."""
+@pytest.mark.parametrize("alpha", [2.0, 1.3])
+@pytest.mark.parametrize("infinite", ["-inf row", "+inf key"])
+def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(alpha: float, infinite: str) -> None:
+    """A query whose log-prior is -inf on every key, or +inf on one (no mask), in a block that takes its
+    threshold from the top k (sorted for sparsemax, in any order for Newton's 1.3-entmax): NaN, as the
+    unfused map gives, and the other rows unchanged (the row is never counted as solved, so it is not
+    left out of the support)."""
     q, k, v = _inputs(1, 2, 48, 320, 4, spread=8.0, seed=10)
     prior = torch.zeros(1, 2, 48, 320, dtype=torch.float64)
-    prior[0, 1, 40] = float("-inf")
-    out = entmax_attention(q, k, v, alpha=2.0, log_prior=prior, block_elements=2 * 320 * 16)
-    ref = _reference(q, k, v, 2.0, log_prior=prior)
+    if infinite == "-inf row":
+        prior[0, 1, 40] = float("-inf")
+    else:
+        prior[0, 1, 40, 50] = float("inf")
+    out = entmax_attention(q, k, v, alpha=alpha, log_prior=prior, block_elements=2 * 320 * 16)
+    ref = _reference(q, k, v, alpha, log_prior=prior)
     assert torch.isnan(ref[0, 1, 40]).all() and torch.isnan(out[0, 1, 40]).all()
     finite = torch.ones(48, dtype=torch.bool)
     finite[40] = False
@@ -276,13 +287,15 @@ def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(
 
 def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """1.3-entmax sizes its top k from the 90% quantile of the previous block's supports: in blocks where
-    one query in eight is flat (a support several times wider than the others'), those rows are solved
-    again from a wider top k or their whole rows, the blocks keep their supports (no dense fallback), and
-    the values and gradients equal the unfused map."""
+    one query in sixteen is flat (a support several times wider than the others', beyond the quantile),
+    those rows are solved again from a wider top k or their whole rows, the blocks keep their supports (no
+    dense fallback), and the values and gradients equal the unfused map."""
     q, k, v = _inputs(1, 2, 64, 512, 4, spread=1.0, seed=11)
+    flat = torch.zeros(64, dtype=torch.bool)
+    flat[::16] = True
     with torch.no_grad():
         q *= 12.0
-        q[..., ::8, :] *= 0.1  # one flat query in eight
+        q[..., flat, :] *= 0.02  # one flat query in sixteen
     top_k, topk = [], torch.topk
     monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: top_k.append((x.shape[0], k)) or topk(x, k, *a, **kw))
     out = entmax_attention(q, k, v, alpha=1.3, block_elements=2 * 512 * 16)
@@ -293,7 +306,7 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
     ref = _reference(q, k, v, 1.3)
     weights = entmax_weights((q @ k.transpose(-1, -2)) * 0.5, 1.3)
     sizes = (weights > 0).sum(dim=-1)
-    assert sizes[..., ::8].min() > 3 * sizes[..., 1::8].max(), "the flat rows must have much wider supports"
+    assert sizes[..., flat].min() > 3 * sizes[..., ~flat].max(), "the flat rows must have much wider supports"
     assert _block_kinds(out) == {"csr"} and len(out.grad_fn.blocks) == 4
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     grad = torch.randn_like(out)
