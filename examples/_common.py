@@ -106,6 +106,19 @@ def summarize(runs: list[dict], group: str, metric: str) -> dict[str, dict[str, 
     return out
 
 
+def paired_difference(runs: list[dict], a: str, b: str, metric: str = "accuracy") -> dict | None:
+    """``metric`` of variant ``a`` minus ``b`` over the seeds both ran (same seed: same data order and
+    initial weights up to the attention): mean and 95% t-interval of the differences; None without common
+    seeds."""
+    acc = {(r["variant"], r["seed"]): r[metric] for r in runs}
+    seeds = sorted(s for v, s in acc if v == a and (b, s) in acc)
+    if not seeds:
+        return None
+    diffs = [acc[a, s] - acc[b, s] for s in seeds]
+    mean, half = mean_ci(diffs)
+    return {"seeds": seeds, "values": diffs, "mean": mean, "ci95": half, "text": format_ci(diffs, 4)}
+
+
 def num_threads_note() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 

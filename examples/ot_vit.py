@@ -303,18 +303,6 @@ def _description(variant: str, args=None, n_train: int | None = None) -> str:
     return text
 
 
-def paired_difference(runs: list[dict], a: str, b: str) -> dict | None:
-    """Accuracy of ``a`` minus ``b`` over the seeds both ran (same seed: same data order and initial
-    weights up to the attention): mean and 95% t-interval of the differences; None without common seeds."""
-    acc = {(r["variant"], r["seed"]): r["accuracy"] for r in runs}
-    seeds = sorted(s for v, s in acc if v == a and (b, s) in acc)
-    if not seeds:
-        return None
-    diffs = [acc[a, s] - acc[b, s] for s in seeds]
-    mean, half = _common.mean_ci(diffs)
-    return {"seeds": seeds, "values": diffs, "mean": mean, "ci95": half, "text": _common.format_ci(diffs, 4)}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.set_threads(args.threads)
@@ -349,7 +337,7 @@ def main(argv=None) -> dict:
     for name, row in summary.items():
         row["paper_table2"] = PAPER_TABLE2[name]
         row["parameters"] = next(r["parameters"] for r in runs if r["variant"] == name)
-    paired = paired_difference(runs, "ot-vit", "vit")
+    paired = _common.paired_difference(runs, "ot-vit", "vit")
     result = {
         "task": "Fashion-MNIST, ViT vs OT-ViT trained from scratch",
         "attn_implementation": attn_implementation(),

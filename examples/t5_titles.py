@@ -414,6 +414,11 @@ def main(argv=None) -> dict:
                 # the finished runs so far: an interrupted protocol keeps them (--resume, --runs-from)
                 write_json(Path(args.output_dir) / "results.json", {"args": vars(args), "runs": runs})
     summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
+    # each variant minus prior softmax, paired by seed (same seed: same data order and initial weights)
+    versus_softmax = {
+        v: paired for v in summary[metric] if v != "softmax"
+        if (paired := _common.paired_difference(runs, v, "softmax", metric)) is not None
+    }  # fmt: skip
     examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
     for path in _common.kept_results_files(args):
         examples |= json.loads(path.read_text(encoding="utf-8")).get("generate_examples", {})
@@ -438,6 +443,7 @@ def main(argv=None) -> dict:
         "args": vars(args),
         "runs": runs,
         "summary": summary,
+        "paired_difference_to_softmax": versus_softmax,
         "generate_examples": examples,
         "env": _common.num_threads_note(),
     }
@@ -448,6 +454,7 @@ def main(argv=None) -> dict:
                 "accuracy (mean ± 95% CI)": summary["accuracy"][v]["text"],
                 "chrF": summary["chrf"][v]["text"],
                 "BLEU": summary["bleu"][v]["text"],
+                f"{metric} - softmax (paired by seed)": versus_softmax[v]["text"] if v in versus_softmax else "",
                 "generate == generate(use_cache=False)": examples.get(v, {}).get(
                     "same_with_and_without_cache", "n/a"
                 ),
@@ -476,7 +483,8 @@ def main(argv=None) -> dict:
                 "shows the last variant's configuration.",
             )
         for v, row in summary[metric].items():
-            print(f"{v:>48}: {metric} {row['text']}")
+            paired = f", minus softmax (paired) {versus_softmax[v]['text']}" if v in versus_softmax else ""
+            print(f"{v:>48}: {metric} {row['text']}{paired}")
     if args.save_dir:
         for variant, trainer in trainers.items():
             folder = Path(args.save_dir) / checkpoint_name(variant, args.task)

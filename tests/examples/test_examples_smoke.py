@@ -93,6 +93,7 @@ def test_t5_titles_smoke(tmp_path):
         "--quick", "--output-dir", str(tmp_path / "run"), "--save-dir", str(tmp_path / "ckpt"),
     ])  # fmt: skip
     assert set(out["summary"]["accuracy"]) == set(t5_titles.DEFAULT_VARIANTS)
+    assert set(out["paired_difference_to_softmax"]) == set(t5_titles.DEFAULT_VARIANTS) - {"softmax"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
     for demo in out["generate_examples"].values():
         assert demo["same_with_and_without_cache"] is True
