@@ -128,7 +128,7 @@ def _row_max(logits: Tensor, masked: bool) -> Tensor:
 def _floor(alpha: float) -> float:
     """Value of the entries that can never be in the support (the threshold is ``>= -1``): -2 for the
     sort-based thresholds (no exact ties with ``tau = -1``), -1 for Newton's bracket."""
-    return -2.0 if alpha in (1.5, 2.0) else -1.0
+    return -2.0 if _sort_based(alpha) else -1.0
 
 
 def _shifted(logits: Tensor, mask: Tensor | None, row_max: Tensor, alpha: float) -> Tensor:
@@ -149,6 +149,12 @@ def _power(t: Tensor, alpha: float) -> Tensor:
     if alpha == 1.5:
         return t * t
     return _nonnegative_power(t, 1.0 / (alpha - 1.0))
+
+
+def _sort_based(alpha: float) -> bool:
+    """Whether alpha's threshold comes from a sort (sparsemax, 1.5-entmax: exact, no normaliser) rather than
+    from Newton's iteration."""
+    return alpha in (1.5, 2.0)
 
 
 def _sort_rule(alpha: float) -> ThresholdFn:
@@ -172,7 +178,7 @@ def _top_threshold(V: Tensor, alpha: float, max_iters: int) -> tuple[Tensor, Ten
     (sort-based rules); the smallest entry of ``V`` at or below ``tau`` (Newton).
     """
     k = V.shape[-1]
-    if alpha in (1.5, 2.0):
+    if _sort_based(alpha):
         tau, support = _sort_rule(alpha)(V)
         return tau, (support < k) | (V[:, -1:] <= -1.0)
     tau = _entmax_newton_threshold(V, alpha - 1.0, float(k), max_iters)
@@ -188,7 +194,7 @@ def _typical_support(sizes: Tensor, alpha: float) -> int:
     """The support size that sizes the next block's top k, from the sizes ``(R,)`` of a block's rows: the
     largest for the sort-based maps (their top k is cheap), a high quantile for Newton's wider supports
     (host sync)."""
-    if alpha in (1.5, 2.0):
+    if _sort_based(alpha):
         return int(sizes.max())
     return int(torch.quantile(sizes.to(torch.float32), _NEWTON_SUPPORT_QUANTILE))
 
@@ -232,7 +238,7 @@ def _top_support(
             k = n_keys  # the few rows left: whole rows
         part = logits if todo is None else logits.index_select(0, todo)
         # Newton's threshold takes the top entries in any order (a cheaper top k for its wide supports)
-        V, index = torch.topk(part, k, dim=-1, sorted=alpha in (1.5, 2.0))
+        V, index = torch.topk(part, k, dim=-1, sorted=_sort_based(alpha))
         row_max = _row_max(V, row_valid is not None)
         X = _shifted(V, None, row_max, alpha)
         tau, exact = _top_threshold(X, alpha, max_iters)
@@ -240,7 +246,7 @@ def _top_support(
             exact = torch.isfinite(tau)
         exact &= torch.isfinite(row_max)  # rows with an infinite maximum (without a mask): NaN once shifted
         P = _power(X.sub_(tau).clamp_(min=0.0), alpha)
-        if alpha not in (1.5, 2.0):
+        if not _sort_based(alpha):
             P.div_(_newton_total(P))
         row = torch.arange(n_rows, device=logits.device) if todo is None else todo
         solved = (P > 0) & exact
@@ -291,7 +297,7 @@ def _dense_threshold(
 ) -> Tensor:
     """The exact threshold of every row of ``X`` ``(B, H, q, K)`` over all keys ``(B, H, q, 1)``."""
     shape = (*X.shape[:-1], 1)
-    if alpha in (1.5, 2.0):
+    if _sort_based(alpha):
         tau = _partial_sort_threshold(X.reshape(-1, X.shape[-1]), _sort_rule(alpha), support_hint)[0]
         return tau.reshape(shape)
     allowed = float(X.shape[-1]) if mask is None else mask.sum(dim=-1, keepdim=True).clamp_(min=1).to(X.dtype)
@@ -309,7 +315,7 @@ def _dense_weights(
     if row_valid is not None:
         t.mul_(row_valid)
     P = _power(t, alpha)
-    if alpha not in (1.5, 2.0):
+    if not _sort_based(alpha):
         total = _newton_total(P) if total is None else total
         P.div_(total)
     return P, t, total
