@@ -203,8 +203,11 @@ def _entmax_newton_threshold(X: Tensor, am1: Tensor | float, d: Tensor | float, 
     bracket (near a key entering the support ``T`` is huge and Newton stalls) or longer than half
     the previous step (cycles); there ``p`` is not Lipschitz in ``tau``, so those rows iterate until
     the step is a few ulps (about as many steps as bisection).  The other rows stop once their step
-    is below ``eps^(2/3)`` (the error left is then ``O(eps^(4/3))`` by the quadratic convergence);
-    all stop after ``max_iters`` steps.
+    ``s`` is below ``eps^(2/3)`` (the error left is then ``O(eps^(4/3))`` by the quadratic convergence),
+    or once the step it predicts next, ``C s^2`` with ``C = s / s_prev^2`` estimated from the last two
+    steps, is below ``eps`` (one step fewer than the first test when the convergence is quadratic; when
+    it is only linear, with ratio ``rho``, this test asks ``s <= eps / rho^2``); all stop after
+    ``max_iters`` steps.
 
     X: ``(..., Q, K)`` from :func:`_shifted_scaled_rows`; am1 = alpha - 1 (float or ``(..., Q, 1)``);
     d: number of allowed keys (float or ``(..., Q, 1)``).
@@ -230,7 +233,7 @@ def _entmax_newton_threshold(X: Tensor, am1: Tensor | float, d: Tensor | float, 
             t.clamp_(min=0.0)
         _nonnegative_power(t, rm1, q, for_sums=True)  # 0 outside the support (also for 2 - alpha <= 0)
         T = q.sum(dim=-1, keepdim=True)
-        S = torch.matmul(t.unsqueeze(-2), q.unsqueeze(-1)).squeeze(-1)  # sum t^r, (..., Q, 1)
+        S = torch.linalg.vecdot(t, q).unsqueeze(-1)  # sum t^r, (..., Q, 1)
         above = S >= 1.0  # phi(tau) >= 0: tau is left of the root
         lo = torch.where(above, tau, lo)
         hi = torch.where(above, hi, tau)
@@ -240,9 +243,10 @@ def _entmax_newton_threshold(X: Tensor, am1: Tensor | float, d: Tensor | float, 
             size = (new - tau).abs()
             inside &= ~nonconvex | ((size * 4 >= hi - lo) & (size * 2 <= step))
         new = torch.where(inside, new, (lo + hi) / 2)
-        step = (new - tau).abs()
+        step, previous = (new - tau).abs(), step
         tau = new
-        done = step <= eps ** (2.0 / 3.0)
+        # quadratic convergence: the next step would be about C step^2 with C = step / previous^2
+        done = (step <= eps ** (2.0 / 3.0)) | (step**3 <= eps * previous**2)
         if nonconvex is not None:
             done = torch.where(nonconvex, step <= 4 * eps, done)
         if check and bool(done.all()):
