@@ -106,11 +106,13 @@ def summarize(runs: list[dict], group: str, metric: str) -> dict[str, dict[str, 
     return out
 
 
-def paired_difference(runs: list[dict], a: str, b: str, metric: str = "accuracy") -> dict | None:
-    """``metric`` of variant ``a`` minus ``b`` over the seeds both ran (same seed: same data order and
-    initial weights up to the attention): mean and 95% t-interval of the differences; None without common
-    seeds."""
-    acc = {(r["variant"], r["seed"]): r[metric] for r in runs}
+def paired_difference(
+    runs: list[dict], a: str, b: str, metric: str = "accuracy", group: str = "variant"
+) -> dict | None:
+    """``metric`` of the runs whose ``group`` is ``a`` minus those whose ``group`` is ``b``, over the seeds
+    both ran (same seed: same data order and initial weights up to the attention): mean and 95% t-interval
+    of the differences; None without common seeds."""
+    acc = {(r[group], r["seed"]): r[metric] for r in runs}
     seeds = sorted(s for v, s in acc if v == a and (b, s) in acc)
     if not seeds:
         return None

@@ -132,6 +132,21 @@ def test_previous_runs_summarises_again_after_a_summary_copied_the_runs(tmp_path
     assert again == first
 
 
+def test_paired_difference_pairs_runs_by_seed_within_any_grouping_key():
+    runs = [
+        {"regularizer": "softmax", "seed": 0, "accuracy": 0.90}, {"regularizer": "softmax", "seed": 1, "accuracy": 0.80},
+        {"regularizer": "ot", "seed": 1, "accuracy": 0.85}, {"regularizer": "ot", "seed": 0, "accuracy": 0.70},
+        {"regularizer": "ot", "seed": 2, "accuracy": 0.99},  # no softmax run of seed 2: not paired
+    ]  # fmt: skip
+    paired = _common.paired_difference(runs, "ot", "softmax", group="regularizer")
+    assert paired["seeds"] == [0, 1]
+    assert paired["values"] == pytest.approx([-0.20, 0.05])
+    assert paired["mean"] == pytest.approx(-0.075)
+    assert _common.paired_difference(runs, "sparsemax", "softmax", group="regularizer") is None
+    with pytest.raises(KeyError):  # the default grouping key of the other examples
+        _common.paired_difference(runs, "ot", "softmax")
+
+
 def test_previous_runs_refuses_conflicting_runs_other_settings_and_missing_folders(tmp_path):
     a = _write_runs(tmp_path / "a", [{"regularizer": "ot", "seed": 2, "accuracy": 0.5}])
     b = _write_runs(tmp_path / "b", [{"regularizer": "ot", "seed": 2, "accuracy": 0.7}])

@@ -33,6 +33,10 @@ def test_text_classification_smoke(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(saved["summary"]) == {"softmax", "sparsemax"}
+    accuracy = {r["regularizer"]: r["accuracy"] for r in out["runs"]}
+    paired = saved["paired_difference_to_softmax"]
+    assert set(paired) == {"sparsemax"} and paired["sparsemax"]["seeds"] == [0]
+    assert paired["sparsemax"]["values"] == pytest.approx([accuracy["sparsemax"] - accuracy["softmax"]])
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in _card(
         tmp_path / "cards" / "minilm-bbc-news-regularizers.md"
     )
