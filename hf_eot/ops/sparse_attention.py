@@ -78,8 +78,9 @@ _CSR_DEVICES = ("cpu", "cuda")
 class _SupportBlock:
     """A block's support in CSR layout over its rows ``R = B H q`` (row ``(b H + h) q + i``) and the
     ``B H K`` flattened keys: weights (before dropout) ``(nnz,)``, dropout multipliers, row pointers
-    ``(R + 1,)``, key columns (ascending within a row) and the row of every entry ``(nnz,)``; ``csr``: its
-    products are sparse CSR products (else matrix products on the weights scattered into a dense block)."""
+    ``(R + 1,)``, key columns (ascending within a row; in any order on CPU) and the row of every entry
+    ``(nnz,)``; row pointers and columns are int32 where they fit.  ``csr``: its products are sparse CSR
+    products (else matrix products on the weights scattered into a dense block)."""
 
     rows: slice
     weights: Tensor
@@ -220,7 +221,8 @@ def _top_support(
     logits: Tensor, alpha: float, max_iters: int, k: int, row_valid: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The support of every row of ``logits`` ``(R, n)`` (masked keys at -inf) from its top ``k`` entries:
-    weights, rows and keys ``(nnz,)``; None if ``k`` exceeds the top-k fraction of the keys.  Rows whose
+    weights, rows and keys ``(nnz,)``, grouped by row in ascending order (the keys of a row in any order);
+    None if ``k`` exceeds the top-k fraction of the keys.  Rows whose
     support may continue past their top ``k`` are solved again from their top ``2 k``, ``4 k``, ..., and
     from their whole rows once that exceeds the top-k fraction; None (the block is solved over whole rows)
     if more than half of the rows are left after a pass, or more than :data:`_WHOLE_ROWS_FRACTION` for the
@@ -258,35 +260,70 @@ def _top_support(
         keys.append(index.reshape(-1).index_select(0, entry))
         unsolved = (~exact.squeeze(-1)).nonzero().squeeze(-1)  # host sync
         if not unsolved.numel():
-            return torch.cat(weights), torch.cat(rows), torch.cat(keys)
+            return _grouped_by_row(weights, rows, keys, n_rows)
         if k == n_keys or 2 * unsolved.numel() > n_rows:  # never solved (-inf rows), or most of the rows
             return None
         todo = row.index_select(0, unsolved)
         k *= 2
 
 
+def _grouped_by_row(
+    weights: list[Tensor], rows: list[Tensor], keys: list[Tensor], n_rows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries of several passes ``(nnz_p,)`` concatenated and grouped by row in ascending order,
+    without a sort: each pass holds whole rows, grouped and ascending, so an entry goes to its row's start
+    plus its rank in the row."""
+    if len(rows) == 1:
+        return weights[0], rows[0], keys[0]
+    start = _row_pointers(torch.cat(rows), n_rows)
+    destination = torch.cat([
+        start.index_select(0, r) - _row_pointers(r, n_rows).index_select(0, r) + torch.arange(r.numel(), device=r.device)
+        for r in rows
+    ])  # fmt: skip
+
+    def placed(parts: list[Tensor]) -> Tensor:
+        entries = torch.cat(parts)
+        return torch.empty_like(entries).index_put_((destination,), entries)
+
+    return placed(weights), placed(rows), placed(keys)
+
+
+#: Devices whose sparse CSR products take the keys of a row in any order (cuSPARSE assumes them sorted).
+_UNSORTED_CSR_DEVICES = ("cpu",)
+
+
 def _support_block(
     rows: slice, weights: Tensor, row: Tensor, key: Tensor, shape: tuple[int, ...], dropout: float, csr: bool
 ) -> _SupportBlock:
-    """The :class:`_SupportBlock` of support entries (weights, rows, keys) of a ``(B, H, q, K)`` block:
-    entries sorted by row then key, row pointers, flattened key columns, and dropout multipliers."""
+    """The :class:`_SupportBlock` of support entries (weights, rows, keys) of a ``(B, H, q, K)`` block, given
+    grouped by row in ascending order: row pointers, flattened key columns (sorted within each row where
+    the device's CSR products need it), and dropout multipliers."""
     n_rows, n_queries, n_keys = shape[0] * shape[1] * shape[2], shape[2], shape[3]
-    entry, order = _sort_keys(row * n_keys + key, n_rows * n_keys).sort()
-    entry = entry.long()
-    row = entry.div(n_keys, rounding_mode="floor")
-    col = entry - row * n_keys + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
-    weights = weights.index_select(0, order)
+    if row.device.type not in _UNSORTED_CSR_DEVICES:
+        entry, order = _sort_keys(row * n_keys + key, n_rows * n_keys).sort()
+        entry = entry.long()
+        row = entry.div(n_keys, rounding_mode="floor")
+        key = entry - row * n_keys
+        weights = weights.index_select(0, order)
+    col = key + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
+    crow = _row_pointers(row, n_rows)
+    if max(shape[0] * shape[1] * n_keys, n_rows, row.numel()) <= torch.iinfo(torch.int32).max:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)  # the CSR products' index type: no copies
     keep = _bernoulli_keep(weights, dropout) if dropout > 0.0 else None
-    return _SupportBlock(rows, weights, keep, _row_pointers(row, n_rows), col, row, csr)
+    return _SupportBlock(rows, weights, keep, crow, col, row, csr)
 
 
 def _sort_keys(keys: Tensor, bound: int) -> Tensor:
-    """Integer sort keys in ``[0, bound)`` as int32 when they fit (faster to sort than int64 on CPU)."""
-    return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
+    """Integer sort keys in ``[0, bound)`` in the narrowest of int16, int32, int64 that holds them (the
+    narrower, the faster to sort on CPU)."""
+    for dtype in (torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max + 1:
+            return keys.to(dtype)
+    return keys
 
 
 def _row_pointers(row: Tensor, n_rows: int) -> Tensor:
-    """CSR row pointers ``(n_rows + 1,)`` of entries whose rows ``row`` are in ascending order."""
+    """CSR row pointers ``(n_rows + 1,)`` of entries whose rows ``row`` are grouped in ascending order."""
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=row.device)
     torch.cumsum(torch.bincount(row, minlength=n_rows), dim=0, out=crow[1:])
     return crow
@@ -379,7 +416,8 @@ def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, T
     """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows,
     ascending) and the permutation of the entries."""
     order = torch.argsort(_sort_keys(block.col, n_cols), stable=True)
-    return _row_pointers(block.col.index_select(0, order), n_cols), block.row.index_select(0, order), order
+    crow_t = _row_pointers(block.col, n_cols).to(block.crow.dtype)  # counts per column: any order
+    return crow_t, block.row.index_select(0, order).to(block.col.dtype), order
 
 
 def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -331,3 +331,24 @@ def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_entries_of_several_passes_are_grouped_by_row_without_a_sort() -> None:
+    """Passes that each hold whole rows (grouped, ascending; a row's keys in any order) are merged into one
+    list grouped by row in ascending order that keeps every (row, key, weight) entry and the order of the
+    keys within a row."""
+    gen = torch.Generator().manual_seed(3)
+    n_rows, owner = 50, torch.randint(0, 3, (50,), generator=gen)  # the pass that solves each row
+    owner[7] = -1  # a row without entries
+    weights, rows, keys = [], [], []
+    for p in range(3):
+        r = torch.repeat_interleave((owner == p).nonzero().squeeze(-1), torch.randint(1, 5, ((owner == p).sum(),), generator=gen))
+        rows.append(r)
+        keys.append(torch.randint(0, 1000, (r.numel(),), generator=gen))
+        weights.append(torch.rand(r.numel(), generator=gen, dtype=torch.float64))
+    w, r, k = sparse_attention._grouped_by_row(weights, rows, keys, n_rows)
+    assert torch.all(r.diff() >= 0)
+    for row in range(n_rows):
+        p = int(owner[row])
+        expected = [] if p < 0 else list(zip(keys[p][rows[p] == row].tolist(), weights[p][rows[p] == row].tolist()))
+        assert list(zip(k[r == row].tolist(), w[r == row].tolist())) == expected
