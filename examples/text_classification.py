@@ -180,6 +180,19 @@ def build_trainer(args, spec: str, seed: int, data, names: list[str], model_path
     return trainer, card
 
 
+def learned_alpha(model) -> dict[str, float] | None:
+    """Min, mean and max over all heads of a learned entmax alpha (None without one)."""
+    alphas = [
+        module.eot_parameters.alpha().flatten()
+        for module in model.modules()
+        if "alpha" in getattr(getattr(module, "eot_parameters", None), "learned", {})
+    ]
+    if not alphas:
+        return None
+    values = torch.cat(alphas).detach()
+    return {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max())}
+
+
 def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str) -> dict:
     trainer, card = build_trainer(args, spec, seed, data, names, model_path)
     out = trainer.args.output_dir
@@ -202,6 +215,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
         "attn_implementation": _common.attn_implementation(),
         "steps": trainer.state.global_step,
         "world_size": trainer.args.world_size,
+        "learned_alpha": learned_alpha(trainer.model),
         "_model": trainer.model,
     }
 
@@ -237,7 +251,7 @@ def main(argv=None) -> dict:
     if baseline:
         for row in summary.values():
             row["delta_vs_softmax"] = row["mean"] - baseline["mean"]
-    # each regularizer minus softmax, paired by seed (same seed: same head, data order and dropout)
+    # each regularizer minus softmax, paired by seed (same seed: same initial head and data order)
     versus_softmax = {
         spec: paired for spec in summary if spec != "softmax"
         if (paired := _common.paired_difference(runs, spec, "softmax", group="regularizer")) is not None

