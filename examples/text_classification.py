@@ -279,10 +279,8 @@ def main(argv=None) -> dict:
         }
         card_dirs = [Path(args.output_dir)] + ([Path(args.model_cards_dir)] if args.model_cards_dir else [])
         any_model = next(iter(last_models.values()), None)
-        if any_model is None:  # everything resumed: a config is enough for the card
-            from transformers import AutoConfig
-
-            any_model = AutoConfig.from_pretrained(model_path)
+        if any_model is None:  # everything resumed: the untrained model of the last spec shows its config
+            any_model = load_model(model_path, names, args.regularizers[-1], 0)
         for folder in card_dirs:
             target = folder / "minilm-bbc-news-regularizers.md" if folder != Path(args.output_dir) else folder
             model_card(

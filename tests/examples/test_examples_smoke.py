@@ -45,6 +45,15 @@ def test_text_classification_smoke(tmp_path):
     )
     assert "sparsemax" in _card(tmp_path / "run" / "sparsemax" / "seed0" / "README.md")
 
+    # A summary that trains nothing (every run resumed) still describes the classifier and its attention.
+    again = text_classification.main([
+        "--quick", "--regularizers", "softmax", "sparsemax", learned, "--resume",
+        "--output-dir", str(tmp_path / "run"), "--model-cards-dir", str(tmp_path / "cards"),
+    ])  # fmt: skip
+    assert again["runs"] == saved["runs"]
+    card = _card(tmp_path / "cards" / "minilm-bbc-news-regularizers.md")
+    assert "BertForSequenceClassification" in card and "learn_alpha" in card
+
 
 @pytest.mark.slow
 def test_ot_vit_smoke(tmp_path, monkeypatch):
