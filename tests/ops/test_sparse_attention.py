@@ -33,6 +33,14 @@ def _reference(q, k, v, alpha, mask=None, log_prior=None, scale=None, epsilon=1.
     return entmax_weights(logits, alpha, mask) @ v
 
 
+def _assert_gradients_match(out, ref, inputs, atol: float) -> None:
+    """The gradients of ``out`` and ``ref`` w.r.t. ``inputs`` for one random output gradient agree to ``atol``."""
+    grad = torch.randn_like(out)
+    ours, theirs = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
 def _block_kinds(out: torch.Tensor) -> set[str]:
     """The modes the forward chose for its blocks (the autograd node of a custom Function is its ctx):
     "csr" and "scatter" (threshold from the top k, sparse products over the support or dense ones on the
@@ -99,11 +107,7 @@ def test_the_block_modes_in_one_call(
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     expected = {"dense", "csr", "scatter"} if alpha == 2.0 else {"dense", "csr"}
     assert _block_kinds(out) == (expected if csr else {"dense", "scatter"})
-    grad = torch.randn_like(out)
-    for a, b in zip(
-        torch.autograd.grad(out, (q, k, v, prior), grad), torch.autograd.grad(ref, (q, k, v, prior), grad), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v, prior), atol=1e-11)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.5, 1.4])
@@ -257,10 +261,7 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
     assert torch.all(out[..., 16:32, :] == 0)
     ref = _reference(q, k, v, 2.0, mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    grad = torch.randn_like(out)
-    ours, theirs = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v), atol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 1.3])
@@ -309,10 +310,7 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
     assert sizes[..., flat].min() > 3 * sizes[..., ~flat].max(), "the flat rows must have much wider supports"
     assert _block_kinds(out) == {"csr"} and len(out.grad_fn.blocks) == 4
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    grad = torch.randn_like(out)
-    ours, theirs = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 1.3])
@@ -328,9 +326,7 @@ def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     compiled = torch.compile(attend, backend="aot_eager")
     out, ref = compiled(q, k, v), attend(q, k, v)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
 
 
 def test_entries_of_several_passes_are_grouped_by_row_without_a_sort() -> None:
