@@ -72,6 +72,8 @@ CSR_FRACTION = 1 / 5
 #: Devices whose torch backend has the sparse CSR products used here (``mm``, ``sampled_addmm``); other
 #: devices take the scattered weights.
 _CSR_DEVICES = ("cpu", "cuda")
+#: Devices whose sparse CSR products take the keys of a row in any order (cuSPARSE assumes them sorted).
+_UNSORTED_CSR_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -286,10 +288,6 @@ def _grouped_by_row(
         return torch.empty_like(entries).index_put_((destination,), entries)
 
     return placed(weights), placed(rows), placed(keys)
-
-
-#: Devices whose sparse CSR products take the keys of a row in any order (cuSPARSE assumes them sorted).
-_UNSORTED_CSR_DEVICES = ("cpu",)
 
 
 def _support_block(
