@@ -57,6 +57,9 @@ SCRIPT = textwrap.dedent(
         json.dump({"world_size": args.world_size, "eval_loss": metrics["eval_loss"], "state": state,
                    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
                   open(os.path.join(out_dir, "result.json"), "w"))
+    if torch.distributed.is_initialized():  # gloo's threads still running at exit can abort a process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 
