@@ -348,3 +348,19 @@ def test_entries_of_several_passes_are_grouped_by_row_without_a_sort() -> None:
         p = int(owner[row])
         expected = [] if p < 0 else list(zip(keys[p][rows[p] == row].tolist(), weights[p][rows[p] == row].tolist()))
         assert list(zip(k[r == row].tolist(), w[r == row].tolist())) == expected
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.3])
+def test_devices_that_need_sorted_keys_get_them(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CSR products need each row's keys in ascending order (cuSPARSE; forced here on CPU), the
+    support blocks hold them so, and the outputs and gradients still equal the unfused map."""
+    monkeypatch.setattr(sparse_attention, "_UNSORTED_CSR_DEVICES", ())
+    q, k, v = _inputs(1, 2, 64, 512, 8, spread=2.0, seed=8)
+    out = entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 512 * 16)
+    for block in out.grad_fn.blocks:
+        assert isinstance(block, _SupportBlock)
+        keys_in_rows = torch.tensor_split(block.col.long(), block.crow[1:-1].long().tolist())
+        assert all(torch.all(keys.diff() > 0) for keys in keys_in_rows)
+    ref = _reference(q, k, v, alpha)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
