@@ -121,6 +121,17 @@ def paired_difference(
     return {"seeds": seeds, "values": diffs, "mean": mean, "ci95": half, "text": format_ci(diffs, 4)}
 
 
+def paired_differences_to(
+    runs: list[dict], names, baseline: str, metric: str = "accuracy", group: str = "variant"
+) -> dict[str, dict]:
+    """:func:`paired_difference` of every name in ``names`` but ``baseline`` against ``baseline`` (those with
+    a seed in common)."""
+    return {
+        name: paired for name in names if name != baseline
+        if (paired := paired_difference(runs, name, baseline, metric, group)) is not None
+    }  # fmt: skip
+
+
 def num_threads_note() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 

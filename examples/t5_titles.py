@@ -415,10 +415,7 @@ def main(argv=None) -> dict:
                 write_json(Path(args.output_dir) / "results.json", {"args": vars(args), "runs": runs})
     summary = {m: summarize(runs, "variant", m) for m in ("accuracy", "chrf", "bleu")}
     # each variant minus prior softmax, paired by seed (same seed: same data order and initial weights)
-    versus_softmax = {
-        v: paired for v in summary[metric] if v != "softmax"
-        if (paired := _common.paired_difference(runs, v, "softmax", metric)) is not None
-    }  # fmt: skip
+    versus_softmax = _common.paired_differences_to(runs, summary[metric], "softmax", metric)
     examples = {}  # generation demos of the kept runs' folders, then of this invocation's models
     for path in _common.kept_results_files(args):
         examples |= json.loads(path.read_text(encoding="utf-8")).get("generate_examples", {})

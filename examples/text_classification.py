@@ -252,10 +252,7 @@ def main(argv=None) -> dict:
         for row in summary.values():
             row["delta_vs_softmax"] = row["mean"] - baseline["mean"]
     # each regularizer minus softmax, paired by seed (same seed: same initial head and data order)
-    versus_softmax = {
-        spec: paired for spec in summary if spec != "softmax"
-        if (paired := _common.paired_difference(runs, spec, "softmax", group="regularizer")) is not None
-    }  # fmt: skip
+    versus_softmax = _common.paired_differences_to(runs, summary, "softmax", group="regularizer")
     result = {
         "task": "BBC News classification, all-MiniLM-L6-v2 fine-tuned",
         "attn_implementation": attn_implementation(),

@@ -145,6 +145,8 @@ def test_paired_difference_pairs_runs_by_seed_within_any_grouping_key():
     assert _common.paired_difference(runs, "sparsemax", "softmax", group="regularizer") is None
     with pytest.raises(KeyError):  # the default grouping key of the other examples
         _common.paired_difference(runs, "ot", "softmax")
+    every = _common.paired_differences_to(runs, ["softmax", "ot", "sparsemax"], "softmax", group="regularizer")
+    assert every == {"ot": paired}  # the baseline itself and names without a common seed are left out
 
 
 def test_previous_runs_refuses_conflicting_runs_other_settings_and_missing_folders(tmp_path):
