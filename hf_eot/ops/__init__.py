@@ -6,11 +6,11 @@ fully masked rows give exactly 0 weights, half dtypes are computed in float32.
 """
 
 from .entmax import entmax15_weights, entmax_bisect_weights, entmax_newton_weights, entmax_weights
-from .sparse_attention import entmax_attention, fused_pays
 from .ot import ot_weights
 from .priors import alibi_bias, alibi_slopes, relative_position_buckets
 from .sinkhorn import SinkhornConvergenceWarning, SinkhornResult, sinkhorn_weights
 from .softmax import softmax_weights
+from .sparse_attention import entmax_attention, fused_pays
 from .sparsemax import sparsemax_weights
 
 __all__ = [

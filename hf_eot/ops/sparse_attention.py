@@ -78,11 +78,14 @@ _UNSORTED_CSR_DEVICES = ("cpu",)
 
 @dataclass
 class _SupportBlock:
-    """A block's support in CSR layout over its rows ``R = B H q`` (row ``(b H + h) q + i``) and the
-    ``B H K`` flattened keys: weights (before dropout) ``(nnz,)``, dropout multipliers, row pointers
-    ``(R + 1,)``, key columns (ascending within a row; in any order on CPU) and the row of every entry
-    ``(nnz,)``; row pointers and columns are int32 where they fit.  ``csr``: its products are sparse CSR
-    products (else matrix products on the weights scattered into a dense block)."""
+    """A block's support in CSR layout over the ``B H K`` flattened keys: weights (before dropout) ``(nnz,)``,
+    dropout multipliers, row pointers, key columns (ascending within a CSR row; in any order on CPU) and the
+    row of every entry ``(nnz,)``; row pointers and columns are int32 where they fit.  The block's rows are
+    ``R = B H q`` (row ``(b H + h) q + i``).  CSR row ``i < R`` holds row ``i``'s entries, except for the
+    rows that a later pass of the top-k solve solved again (``again``, in the order of the passes): their
+    entries are in CSR rows ``R, R + 1, ...`` and their own CSR rows are empty (None: no such rows, the
+    CSR rows are the block's rows).  ``csr``: its products are sparse CSR products (else matrix products
+    on the weights scattered into a dense block)."""
 
     rows: slice
     weights: Tensor
@@ -90,6 +93,7 @@ class _SupportBlock:
     crow: Tensor
     col: Tensor
     row: Tensor
+    again: Tensor | None
     csr: bool
 
 
@@ -219,22 +223,36 @@ def _sampled_support(logits: Tensor, alpha: float, max_iters: int, masked: bool)
     return _typical_support(in_support.sum(dim=-1), alpha)
 
 
+@dataclass
+class _Support:
+    """The support entries of a block's rows ``(nnz,)``: weights, rows, keys (each row's keys in any order)
+    and CSR rows (as in :class:`_SupportBlock`: a row's own, or one after the block's rows for the rows
+    solved ``again`` by a later pass), grouped by CSR row in ascending order."""
+
+    weights: Tensor
+    row: Tensor
+    key: Tensor
+    csr_row: Tensor
+    again: Tensor | None
+
+
 def _top_support(
     logits: Tensor, alpha: float, max_iters: int, k: int, row_valid: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The support of every row of ``logits`` ``(R, n)`` (masked keys at -inf) from its top ``k`` entries:
-    weights, rows and keys ``(nnz,)``, grouped by row in ascending order (the keys of a row in any order);
+) -> _Support | None:
+    """The support of every row of ``logits`` ``(R, n)`` (masked keys at -inf) from its top ``k`` entries;
     None if ``k`` exceeds the top-k fraction of the keys.  Rows whose
     support may continue past their top ``k`` are solved again from their top ``2 k``, ``4 k``, ..., and
     from their whole rows once that exceeds the top-k fraction; None (the block is solved over whole rows)
     if more than half of the rows are left after a pass, or more than :data:`_WHOLE_ROWS_FRACTION` for the
-    whole-row pass.  Only the top entries are shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.
+    whole-row pass.  Each pass appends its entries in new CSR rows (no merge).  Only the top entries are
+    shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.
     Rows not in ``row_valid`` (fully masked queries) get no entries; a row whose maximum is -inf without a
     mask (a row of -inf logits, NaN once shifted) is never solved, so the block goes to the whole-row
     path, which gives NaN as the weights path does."""
     n_rows, n_keys = logits.shape
-    weights, rows, keys = [], [], []
+    weights, rows, keys, csr_rows, again = [], [], [], [], []
     todo: Tensor | None = None  # the rows still to solve (None: all)
+    n_csr_rows = 0  # the CSR rows of the passes so far: one per row solved
     while True:
         if k > _TOP_K_FRACTION * n_keys:
             if todo is None or todo.numel() > _WHOLE_ROWS_FRACTION * n_rows:
@@ -258,57 +276,61 @@ def _top_support(
             solved &= row_valid.index_select(0, row).unsqueeze(-1)
         entry = solved.view(-1).nonzero().squeeze(-1)  # (nnz,) into the flattened (rows, k) top entries
         weights.append(P.reshape(-1).index_select(0, entry))  # index_select: faster than [entry] on CPU
-        rows.append(row.index_select(0, entry.div(k, rounding_mode="floor")))
+        position = entry.div(k, rounding_mode="floor")  # the entry's row among this pass's rows
+        rows.append(position if todo is None else row.index_select(0, position))
+        csr_rows.append(position if todo is None else position + n_csr_rows)
         keys.append(index.reshape(-1).index_select(0, entry))
+        if todo is not None:
+            again.append(todo)
+        n_csr_rows += row.numel()
         unsolved = (~exact.squeeze(-1)).nonzero().squeeze(-1)  # host sync
         if not unsolved.numel():
-            return _grouped_by_row(weights, rows, keys, n_rows)
+            if len(weights) == 1:
+                return _Support(weights[0], rows[0], keys[0], csr_rows[0], None)
+            return _Support(*(torch.cat(parts) for parts in (weights, rows, keys, csr_rows, again)))
         if k == n_keys or 2 * unsolved.numel() > n_rows:  # never solved (-inf rows), or most of the rows
             return None
         todo = row.index_select(0, unsolved)
         k *= 2
 
 
-def _grouped_by_row(
-    weights: list[Tensor], rows: list[Tensor], keys: list[Tensor], n_rows: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The entries of several passes ``(nnz_p,)`` concatenated and grouped by row in ascending order,
-    without a sort: each pass holds whole rows, grouped and ascending, so an entry goes to its row's start
-    plus its rank in the row."""
-    if len(rows) == 1:
-        return weights[0], rows[0], keys[0]
-    start = _row_pointers(torch.cat(rows), n_rows)
-    destination = torch.cat([
-        start.index_select(0, r) - _row_pointers(r, n_rows).index_select(0, r) + torch.arange(r.numel(), device=r.device)
-        for r in rows
-    ])  # fmt: skip
-
-    def placed(parts: list[Tensor]) -> Tensor:
-        entries = torch.cat(parts)
-        return torch.empty_like(entries).index_put_((destination,), entries)
-
-    return placed(weights), placed(rows), placed(keys)
-
-
 def _support_block(
-    rows: slice, weights: Tensor, row: Tensor, key: Tensor, shape: tuple[int, ...], dropout: float, csr: bool
+    rows: slice, support: _Support, shape: tuple[int, ...], dropout: float, csr: bool
 ) -> _SupportBlock:
-    """The :class:`_SupportBlock` of support entries (weights, rows, keys) of a ``(B, H, q, K)`` block, given
-    grouped by row in ascending order: row pointers, flattened key columns (sorted within each row where
-    the device's CSR products need it), and dropout multipliers."""
+    """The :class:`_SupportBlock` of a ``(B, H, q, K)`` block's support: row pointers, flattened key
+    columns (sorted within each CSR row where the device's CSR products need it), and dropout
+    multipliers."""
     n_rows, n_queries, n_keys = shape[0] * shape[1] * shape[2], shape[2], shape[3]
+    n_csr_rows = n_rows + (0 if support.again is None else support.again.numel())
+    weights, row, key, csr_row = support.weights, support.row, support.key, support.csr_row
     if row.device.type not in _UNSORTED_CSR_DEVICES:
-        entry, order = _sort_keys(row * n_keys + key, n_rows * n_keys).sort()
+        entry, order = _sort_keys(csr_row * n_keys + key, n_csr_rows * n_keys).sort()
         entry = entry.long()
-        row = entry.div(n_keys, rounding_mode="floor")
-        key = entry - row * n_keys
-        weights = weights.index_select(0, order)
+        csr_row = entry.div(n_keys, rounding_mode="floor")
+        key = entry - csr_row * n_keys
+        weights, row = weights.index_select(0, order), row.index_select(0, order)
     col = key + row.div(n_queries, rounding_mode="floor") * n_keys  # + (b H + h) K
-    crow = _row_pointers(row, n_rows)
-    if max(shape[0] * shape[1] * n_keys, n_rows, row.numel()) <= torch.iinfo(torch.int32).max:
+    crow = _row_pointers(csr_row, n_csr_rows)
+    if max(shape[0] * shape[1] * n_keys, n_csr_rows, row.numel()) <= torch.iinfo(torch.int32).max:
         crow, col = crow.to(torch.int32), col.to(torch.int32)  # the CSR products' index type: no copies
     keep = _bernoulli_keep(weights, dropout) if dropout > 0.0 else None
-    return _SupportBlock(rows, weights, keep, crow, col, row, csr)
+    return _SupportBlock(rows, weights, keep, crow, col, row, support.again, csr)
+
+
+def _to_csr_rows(block: _SupportBlock, x: Tensor) -> Tensor:
+    """Per-row values ``(R, c)`` as values of the block's CSR rows ``(R', c)``."""
+    return x if block.again is None else torch.cat([x, x.index_select(0, block.again)])
+
+
+def _from_csr_rows(block: _SupportBlock, x: Tensor, n_rows: int) -> Tensor:
+    """A product's CSR rows ``(R', c)`` summed into the block's ``R = n_rows`` rows ``(R, c)`` (a row solved
+    again has an empty, zero, CSR row of its own)."""
+    return x if block.again is None else x[:n_rows].index_add_(0, block.again, x[n_rows:])
+
+
+def _support_sizes(block: _SupportBlock, n_rows: int) -> Tensor:
+    """The number of support entries of each of the block's ``n_rows`` rows ``(R,)``."""
+    return block.crow.diff() if block.again is None else torch.bincount(block.row, minlength=n_rows)
 
 
 def _sort_keys(keys: Tensor, bound: int) -> Tensor:
@@ -321,7 +343,8 @@ def _sort_keys(keys: Tensor, bound: int) -> Tensor:
 
 
 def _row_pointers(row: Tensor, n_rows: int) -> Tensor:
-    """CSR row pointers ``(n_rows + 1,)`` of entries whose rows ``row`` are grouped in ascending order."""
+    """CSR row pointers ``(n_rows + 1,)`` of entries whose (CSR) rows ``row`` are grouped in ascending
+    order."""
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=row.device)
     torch.cumsum(torch.bincount(row, minlength=n_rows), dim=0, out=crow[1:])
     return crow
@@ -384,7 +407,7 @@ def _entmax_backward(
 
 def _support_row_sums(block: _SupportBlock) -> Callable[[Tensor], Tensor]:
     """Sums over the rows of a block's support entries ``(nnz,)``, each entry getting its row's sum."""
-    n_rows = block.crow.numel() - 1
+    n_rows = block.crow.numel() - 1  # CSR rows: at least the block's rows
     return lambda x: x.new_zeros(n_rows).index_add_(0, block.row, x).index_select(0, block.row)
 
 
@@ -411,8 +434,8 @@ def _csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]
 
 
 def _csr_transpose(block: _SupportBlock, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows,
-    ascending) and the permutation of the entries."""
+    """The pattern of the block's transpose ``(B H K, R)``: row pointers, columns (the block's rows, not
+    its CSR rows; ascending) and the permutation of the entries."""
     order = torch.argsort(_sort_keys(block.col, n_cols), stable=True)
     crow_t = _row_pointers(block.col, n_cols).to(block.crow.dtype)  # counts per column: any order
     return crow_t, block.row.index_select(0, order).to(block.col.dtype), order
@@ -469,16 +492,16 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 valid = None if row_valid is None else row_valid.view(-1).bool()
                 top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, valid)
             if top is not None:
-                weights, row, key_index = top  # (nnz,)
                 n_rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
-                csr = csr_device and weights.numel() <= CSR_FRACTION * n_rows * n_keys
-                blk = _support_block(rows, weights, row, key_index, logits.shape, dropout, csr)
-                support = _typical_support(blk.crow.diff(), alpha) if n_rows else 0
+                csr = csr_device and top.weights.numel() <= CSR_FRACTION * n_rows * n_keys
+                blk = _support_block(rows, top, logits.shape, dropout, csr)
+                support = _typical_support(_support_sizes(blk, n_rows), alpha) if n_rows else 0
                 dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
                 if csr:
                     if value_c is None:
                         value_c = _flat(value, cdtype)  # (B H K, d_v)
-                    product = _csr_matrix(blk.crow, blk.col, dropped, (n_rows, value_c.shape[0])) @ value_c
+                    size = (blk.crow.numel() - 1, value_c.shape[0])
+                    product = _from_csr_rows(blk, _csr_matrix(blk.crow, blk.col, dropped, size) @ value_c, n_rows)
                     out[..., rows, :] = product.reshape(*logits.shape[:-1], -1)
                 else:
                     out[..., rows, :] = _scattered(logits, blk, dropped, logits.shape).to(value.dtype) @ value
@@ -600,9 +623,9 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
     """Accumulates the gradients of a block kept as its support: sparse CSR products, or dense products
     on the scattered weights."""
     n_keys = bw.key.shape[-2]
-    n_rows, shape = blk.crow.numel() - 1, (*g_b.shape[:-1], n_keys)  # R, (B, H, q, K)
-    n_flat_keys = bw.key.shape[0] * bw.key.shape[1] * n_keys
-    size, size_t = (n_rows, n_flat_keys), (n_flat_keys, n_rows)
+    shape = (*g_b.shape[:-1], n_keys)  # (B, H, q, K)
+    n_rows, n_flat_keys = shape[0] * shape[1] * shape[2], bw.key.shape[0] * bw.key.shape[1] * n_keys
+    size, size_t = (blk.crow.numel() - 1, n_flat_keys), (n_flat_keys, n_rows)  # (R', B H K), (B H K, R)
     dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
     g_flat = _flat(g_b, bw.cdtype)  # (R, d_v)
     if blk.csr:
@@ -620,7 +643,7 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
         return
     if blk.csr:  # dP on the support: a sampled product (beta = 0: the pattern's values unused)
         pattern = _csr_matrix(blk.crow, blk.col, blk.weights, size)
-        dL = torch.sparse.sampled_addmm(pattern, g_flat, bw.flat_c("value").t(), beta=0.0).values()
+        dL = torch.sparse.sampled_addmm(pattern, _to_csr_rows(blk, g_flat), bw.flat_c("value").t(), beta=0.0).values()
     else:
         dL = (g_b @ bw.value_t).to(bw.cdtype).view(-1).index_select(0, _dense_index(blk, n_keys))
     if blk.keep is not None:
@@ -632,7 +655,7 @@ def _support_backward(bw: _Backward, blk: _SupportBlock, q_b: Tensor, g_b: Tenso
     if bw.d_prior is not None:
         _add_rows(bw.d_prior, blk.rows, _scattered(bw.buffer, blk, dL, shape))
     if bw.d_query is not None:
-        d_q = _csr_matrix(blk.crow, blk.col, dL, size) @ bw.flat_c("key")  # (R, d)
+        d_q = _from_csr_rows(blk, _csr_matrix(blk.crow, blk.col, dL, size) @ bw.flat_c("key"), n_rows)  # (R, d)
         bw.d_query[..., blk.rows, :] = d_q.reshape(q_b.shape)
     if bw.d_key is not None:
         q_flat = _flat(q_b, bw.cdtype)  # (R, d)

@@ -286,17 +286,24 @@ def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(
     torch.testing.assert_close(out[0, 0], ref[0, 0], atol=1e-12, rtol=0)
 
 
-def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """1.3-entmax sizes its top k from the 90% quantile of the previous block's supports: in blocks where
-    one query in sixteen is flat (a support several times wider than the others', beyond the quantile),
-    those rows are solved again from a wider top k or their whole rows, the blocks keep their supports (no
-    dense fallback), and the values and gradients equal the unfused map."""
+def _one_flat_query_in_sixteen() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Peaked queries with one flat query in sixteen, whose 1.3-entmax support is several times wider
+    than the others' (beyond the 90% quantile that sizes the top k): ``q, k, v`` and the flat queries."""
     q, k, v = _inputs(1, 2, 64, 512, 4, spread=1.0, seed=11)
     flat = torch.zeros(64, dtype=torch.bool)
     flat[::16] = True
     with torch.no_grad():
         q *= 12.0
-        q[..., flat, :] *= 0.02  # one flat query in sixteen
+        q[..., flat, :] *= 0.02
+    return q, k, v, flat
+
+
+def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.3-entmax sizes its top k from the 90% quantile of the previous block's supports: in blocks where
+    one query in sixteen is flat (a support several times wider than the others', beyond the quantile),
+    those rows are solved again from a wider top k or their whole rows, the blocks keep their supports (no
+    dense fallback), and the values and gradients equal the unfused map."""
+    q, k, v, flat = _one_flat_query_in_sixteen()
     top_k, topk = [], torch.topk
     monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: top_k.append((x.shape[0], k)) or topk(x, k, *a, **kw))
     out = entmax_attention(q, k, v, alpha=1.3, block_elements=2 * 512 * 16)
@@ -313,6 +320,37 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
 
 
+def test_rows_solved_again_keep_their_entries_in_csr_rows_after_the_blocks_rows() -> None:
+    """A row that a later pass solves again has an empty CSR row of its own and all of its support in one
+    CSR row after the block's rows (one per pass that solved it again, the last one holding it): every
+    support entry once, with its row's weights; with dropout (multipliers drawn per entry) gradcheck still passes through such blocks."""
+    q, k, v, _ = _one_flat_query_in_sixteen()
+    out = entmax_attention(q, k, v, alpha=1.3, block_elements=2 * 512 * 16)
+    weights = entmax_weights((q @ k.transpose(-1, -2)) * 0.5, 1.3).detach()  # (1, 2, 64, 512)
+    solved_again = 0
+    for block in out.grad_fn.blocks:
+        expected = weights[:, :, block.rows].reshape(-1, 512)  # (R, K), rows (h, i)
+        n_rows, sizes = expected.shape[0], block.crow.long().diff()
+        dense = torch.zeros(sizes.numel(), 512, dtype=torch.float64)
+        csr_rows = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+        dense.index_put_((csr_rows, block.col.long() % 512), block.weights, accumulate=True)
+        again = torch.empty(0, dtype=torch.long) if block.again is None else block.again
+        owner = torch.cat([torch.arange(n_rows), again])  # the row of each CSR row
+        assert torch.equal(block.row, owner[csr_rows]), "entries keep their rows"
+        assert torch.all(sizes[again] == 0) and torch.all(torch.bincount(owner[sizes > 0]) <= 1)
+        solved_again += again.numel()
+        dense[:n_rows].index_add_(0, again, dense[n_rows:])
+        torch.testing.assert_close(dense[:n_rows], expected, atol=1e-12, rtol=0)
+    assert solved_again > 0
+
+    def dropped(q, k, v):
+        torch.manual_seed(0)
+        return entmax_attention(q, k, v, alpha=1.3, dropout=0.3, block_elements=2 * 512 * 16)
+
+    assert any(block.again is not None for block in dropped(q, k, v).grad_fn.blocks)
+    assert torch.autograd.gradcheck(dropped, (q, k, v), atol=1e-6, fast_mode=True)
+
+
 @pytest.mark.parametrize("alpha", [1.5, 1.3])
 def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     """Under torch.compile the fused map takes dense blocks (no host-synchronised top k) and gives the
@@ -327,27 +365,6 @@ def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     out, ref = compiled(q, k, v), attend(q, k, v)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
-
-
-def test_entries_of_several_passes_are_grouped_by_row_without_a_sort() -> None:
-    """Passes that each hold whole rows (grouped, ascending; a row's keys in any order) are merged into one
-    list grouped by row in ascending order that keeps every (row, key, weight) entry and the order of the
-    keys within a row."""
-    gen = torch.Generator().manual_seed(3)
-    n_rows, owner = 50, torch.randint(0, 3, (50,), generator=gen)  # the pass that solves each row
-    owner[7] = -1  # a row without entries
-    weights, rows, keys = [], [], []
-    for p in range(3):
-        r = torch.repeat_interleave((owner == p).nonzero().squeeze(-1), torch.randint(1, 5, ((owner == p).sum(),), generator=gen))
-        rows.append(r)
-        keys.append(torch.randint(0, 1000, (r.numel(),), generator=gen))
-        weights.append(torch.rand(r.numel(), generator=gen, dtype=torch.float64))
-    w, r, k = sparse_attention._grouped_by_row(weights, rows, keys, n_rows)
-    assert torch.all(r.diff() >= 0)
-    for row in range(n_rows):
-        p = int(owner[row])
-        expected = [] if p < 0 else list(zip(keys[p][rows[p] == row].tolist(), weights[p][rows[p] == row].tolist()))
-        assert list(zip(k[r == row].tolist(), w[r == row].tolist())) == expected
 
 
 @pytest.mark.parametrize("alpha", [1.5, 1.3])
