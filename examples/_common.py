@@ -63,7 +63,47 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
 
 def spec_label(text: str) -> str:
     """A file-name-safe label for a spec string."""
-    return text.replace(":", "-").replace(",", "-").replace("=", "")
+    return text.replace(":", "-").replace(",", "-").replace(";", "-").replace("=", "")
+
+
+def learns_attention(spec: str) -> bool:
+    """Whether a spec's regularizer trains parameters of its own (e.g. ``entmax:learn_alpha=true``)."""
+    from hf_eot.regularizers import get_regularizer, validate_params
+
+    name, params = parse_spec(spec)
+    return bool(get_regularizer(name).learned(validate_params(name, params)))
+
+
+def attention_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The learned attention parameters hf_eot added to a model (entmax alpha, relative-position buckets)."""
+    from hf_eot.integration.parameters import EOTAttentionParameters
+
+    return [p for m in model.modules() if isinstance(m, EOTAttentionParameters) for p in m.parameters()]
+
+
+def with_attention_lr(trainer_cls: type, attention_lr: float | None) -> type:
+    """``trainer_cls`` whose optimizer trains the learned attention parameters (:func:`attention_parameters`)
+    at their own learning rate ``attention_lr`` (None: ``trainer_cls`` itself, one learning rate).  Each
+    parameter group of the Trainer's optimizer is split in two; the scheduler then scales both rates."""
+    if attention_lr is None:
+        return trainer_cls
+
+    class AttentionLrTrainer(trainer_cls):
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            own = {id(p) for p in attention_parameters(self.model)}
+            groups = [
+                {**group, "params": params, **({"lr": attention_lr} if attention else {})}
+                for group in optimizer.param_groups
+                for attention in (False, True)
+                if (params := [p for p in group["params"] if (id(p) in own) == attention])
+            ]
+            optimizer.param_groups.clear()
+            for group in groups:
+                optimizer.add_param_group(group)
+            return optimizer
+
+    return AttentionLrTrainer
 
 
 def attn_implementation() -> str:

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--attention-lr", type=float, default=None,
+        help="learning rate of learned attention parameters (e.g. entmax alpha; default: --lr); such runs "
+        "are labelled '<spec>;attention_lr=<value>'",
+    )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CPU autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save each fine-tuned model (about 90 MB each)")
@@ -135,12 +140,19 @@ def load_model(model_path: str, names: list[str], spec: str, seed: int):
     return model
 
 
+def run_label(args, spec: str) -> str:
+    """The name of a spec's runs: the spec, plus the attention learning rate where one applies."""
+    if args.attention_lr is None or not _common.learns_attention(spec):
+        return spec
+    return f"{spec};attention_lr={args.attention_lr:g}"
+
+
 def build_trainer(args, spec: str, seed: int, data, names: list[str], model_path: str):
     """The ``Trainer`` of one (regularizer, seed) fine-tuning and its model-card callback."""
     from transformers import Trainer, TrainingArguments
 
     model = load_model(model_path, names, spec, seed)
-    out = Path(args.output_dir) / spec_label(spec) / f"seed{seed}"
+    out = Path(args.output_dir) / spec_label(run_label(args, spec)) / f"seed{seed}"
     targs = _common.training_arguments(
         TrainingArguments,
         args,
@@ -163,12 +175,13 @@ def build_trainer(args, spec: str, seed: int, data, names: list[str], model_path
         base_model="sentence-transformers/all-MiniLM-L6-v2",
         training={
             "regularizer spec": spec,
+            "attention learning rate": args.lr if args.attention_lr is None else args.attention_lr,
             "train examples": len(data["train"]),
             "max_length": args.max_length,
         },
         title=f"MiniLM-L6 fine-tuned on BBC News with {spec} attention",
     )
-    trainer = Trainer(
+    trainer = _common.with_attention_lr(Trainer, args.attention_lr)(
         model=model,
         args=targs,
         train_dataset=data["train"],
@@ -205,7 +218,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
     if args.save_model:
         trainer.save_model(str(out))
     return {
-        "regularizer": spec,
+        "regularizer": run_label(args, spec),
         "seed": seed,
         "accuracy": metrics["eval_accuracy"],
         "eval_loss": metrics["eval_loss"],
@@ -233,14 +246,14 @@ def main(argv=None) -> dict:
     done = {(r["regularizer"], r["seed"]) for r in runs}
     for spec in args.regularizers:
         for seed in args.seeds:
-            if (spec, seed) in done:
+            if (run_label(args, spec), seed) in done:
                 continue
             run = run_one(args, spec, seed, data, names, model_path)
-            last_models[spec] = run.pop("_model")
+            last_models[run["regularizer"]] = run.pop("_model")
             runs.append(run)
             if is_main_process():
                 print(
-                    f"[text_classification] {spec} seed={seed}: accuracy={run['accuracy']:.4f} "
+                    f"[text_classification] {run['regularizer']} seed={seed}: accuracy={run['accuracy']:.4f} "
                     f"({run['train_seconds']:.0f} s)",
                     flush=True,
                 )

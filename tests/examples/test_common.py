@@ -209,3 +209,41 @@ def test_cut_columns_are_contiguous_so_models_can_view_them():
     """T5's loss calls labels.view(-1): a cut column must be contiguous."""
     batch = TensorBatchCollator((Trim("labels", -100, ("labels",)),))(_dataset().__getitems__([0, 2]))
     assert batch["labels"].is_contiguous() and batch["labels"].shape == (2, 1)
+
+
+def test_attention_lr_puts_learned_attention_parameters_in_groups_of_their_own(tmp_path):
+    """with_attention_lr: every trainable parameter is in exactly one group of the optimizer, the learned
+    entmax alphas (and only they) at the attention learning rate, each with the weight decay the Trainer
+    chose; the scheduler scales both rates; without a rate the Trainer class is unchanged."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    import hf_eot
+
+    config = BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        attn_implementation=hf_eot.ATTN_IMPLEMENTATION,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    _common.configure(model, "entmax:alpha=1.5,learn_alpha=true")
+    assert _common.learns_attention("entmax:alpha=1.5,learn_alpha=true") and not _common.learns_attention("sparsemax")
+    targs = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.01, warmup_steps=2, report_to=[], use_cpu=True
+    )
+    assert _common.with_attention_lr(Trainer, None) is Trainer
+    trainer = _common.with_attention_lr(Trainer, 0.05)(model=model, args=targs)
+    plain = Trainer(model=model, args=targs).create_optimizer()
+    optimizer = trainer.create_optimizer()
+    own = {id(p) for p in _common.attention_parameters(model)}
+    assert len(own) == 2  # one alpha logit vector per layer
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    decay = {id(p): group["weight_decay"] for group in plain.param_groups for p in group["params"]}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= own or not ids & own
+        assert group["lr"] == (0.05 if ids <= own else 1e-4)
+        assert {decay[i] for i in ids} == {group["weight_decay"]}
+    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    optimizer.step()
+    scheduler.step()  # step 1 of 2 warm-up steps: both rates at half their peak
+    assert sorted({group["lr"] for group in optimizer.param_groups}) == pytest.approx([0.5e-4, 0.025])

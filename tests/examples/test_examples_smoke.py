@@ -55,6 +55,18 @@ def test_text_classification_smoke(tmp_path):
     assert "BertForSequenceClassification" in card and "learn_alpha" in card
 
 
+def test_text_classification_labels_runs_trained_with_an_attention_learning_rate():
+    """With --attention-lr, the runs of a spec with learned attention parameters are labelled with the rate
+    (their results never mix with runs at the weights' rate); other specs keep their names."""
+    import text_classification
+
+    learned = "entmax:alpha=1.5,learn_alpha=true"
+    args = text_classification.parse_args(["--attention-lr", "0.01"])
+    assert text_classification.run_label(args, learned) == f"{learned};attention_lr=0.01"
+    assert text_classification.run_label(args, "sparsemax") == "sparsemax"
+    assert text_classification.run_label(text_classification.parse_args([]), learned) == learned
+
+
 @pytest.mark.slow
 def test_ot_vit_smoke(tmp_path, monkeypatch):
     import ot_vit
