@@ -545,29 +545,44 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 _support_backward(bw, blk, q_b, g_b)
             else:
                 _dense_backward(bw, blk, q_b, g_b, _rows(mask, blk.rows), _rows(log_prior, blk.rows), dropout)
-        d_query, d_key, d_value = bw.d_query, bw.d_key, bw.d_value
+        d_query = bw.d_query
         if d_query is not None:
             d_query.mul_(scale / epsilon)
-        if d_key is not None:
-            d_key = (d_key + bw.d_key_t.transpose(-1, -2)).to(key.dtype)
-        if d_value is not None:
-            d_value = (d_value + bw.d_value_t.transpose(-1, -2)).to(value.dtype)
+        need_k, need_v = ctx.needs_input_grad[1:3]
+        d_key = _input_gradient(bw.d_key, bw.d_key_t, key) if need_k else None
+        d_value = _input_gradient(bw.d_value, bw.d_value_t, value) if need_v else None
         d_prior = None if bw.d_prior is None else bw.d_prior.to(log_prior.dtype)
         return (d_query, d_key, d_value, None, d_prior, None, None, None, None, None, None)
 
 
+def _input_gradient(csr_part: Tensor | None, dense_part: Tensor | None, like: Tensor) -> Tensor:
+    """The key or value gradient ``(B, H, K, d)`` in ``like``'s dtype from the CSR products' accumulator and
+    the dense products' transposed one ``(B, H, d, K)`` (None where no block used it)."""
+    if dense_part is None:
+        total = csr_part
+    elif csr_part is None:
+        total = dense_part.transpose(-1, -2)
+    else:
+        total = csr_part + dense_part.transpose(-1, -2)
+    if total is None:  # no blocks (no queries)
+        return torch.zeros_like(like)
+    return total.to(like.dtype, memory_format=torch.contiguous_format)
+
+
 @dataclass
 class _Backward:
-    """The inputs of a backward pass (``query`` scaled, ``key_t``/``value_t`` transposed copies) and its
-    gradient accumulators, None where no gradient is needed.  Products on dense blocks accumulate the key
-    and value gradients transposed (``d_key_t``, ``d_value_t``: ``(B, H, d, K)``), CSR products
-    untransposed (``d_key``, ``d_value``); ``buffer`` holds one block of dense scores."""
+    """The inputs of a backward pass (``query`` scaled, ``key_t``/``value_t`` transposed copies where dense
+    products need them) and its
+    gradient accumulators, None where no gradient is needed or no block adds to them.  Products on dense
+    blocks accumulate the key and value gradients transposed (``d_key_t``, ``d_value_t``:
+    ``(B, H, d, K)``), CSR products untransposed (``d_key``, ``d_value``); ``buffer`` holds one block of
+    dense scores."""
 
     query: Tensor
     key: Tensor
     value: Tensor
-    key_t: Tensor
-    value_t: Tensor
+    key_t: Tensor | None
+    value_t: Tensor | None
     alpha: float
     cdtype: torch.dtype
     d_query: Tensor | None
@@ -592,13 +607,15 @@ class _Backward:
     ) -> _Backward:
         cdtype = compute_dtype(query.dtype)
         need_q, need_k, need_v, _, need_prior = needs_input_grad[:5]
-        key_t = key.transpose(-1, -2).contiguous()  # (B, H, d, K)
-        value_t = value.transpose(-1, -2).contiguous()  # (B, H, d_v, K)
 
         def zeros(shape: torch.Size, needed: bool) -> Tensor | None:
             return torch.zeros(shape, dtype=cdtype, device=query.device) if needed else None
 
-        dense = [b for b in blocks if need_prior or not (isinstance(b, _SupportBlock) and b.csr)]
+        csr = [isinstance(b, _SupportBlock) and b.csr for b in blocks]
+        transposed = not all(csr)  # some block takes dense products
+        key_t = key.transpose(-1, -2).contiguous() if transposed else None  # (B, H, d, K)
+        value_t = value.transpose(-1, -2).contiguous() if transposed else None  # (B, H, d_v, K)
+        dense = [b for b, sparse in zip(blocks, csr, strict=True) if need_prior or not sparse]
         block_rows = max((b.rows.stop - b.rows.start for b in dense), default=0)
         return cls(
             query=query,
@@ -609,10 +626,10 @@ class _Backward:
             alpha=alpha,
             cdtype=cdtype,
             d_query=torch.zeros_like(query) if need_q else None,
-            d_key=zeros(key.shape, need_k),
-            d_value=zeros(value.shape, need_v),
-            d_key_t=zeros(key_t.shape, need_k),
-            d_value_t=zeros(value_t.shape, need_v),
+            d_key=zeros(key.shape, need_k and any(csr)),
+            d_value=zeros(value.shape, need_v and any(csr)),
+            d_key_t=zeros(key_t.shape, need_k) if transposed else None,
+            d_value_t=zeros(value_t.shape, need_v) if transposed else None,
             d_prior=zeros(log_prior.shape, need_prior) if log_prior is not None else None,
             buffer=query.new_empty((*query.shape[:-2], block_rows, key.shape[-2]), dtype=cdtype),
             flat={},
@@ -621,7 +638,7 @@ class _Backward:
     @property
     def needs_scores_grad(self) -> bool:
         """Whether the gradient w.r.t. the logits is needed (for the queries, keys or the prior)."""
-        return self.d_query is not None or self.d_key is not None or self.d_prior is not None
+        return any(g is not None for g in (self.d_query, self.d_key, self.d_key_t, self.d_prior))
 
     def flat_c(self, name: str) -> Tensor:
         """``key`` or ``value`` as a ``(B H K, d)`` matrix of the compute dtype (made once)."""

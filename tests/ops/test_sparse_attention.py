@@ -126,6 +126,23 @@ def test_gradcheck(alpha: float, spread: float) -> None:
     assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.parametrize("flat_queries", [0, 16])
+@pytest.mark.parametrize("needed", ["q", "k", "v", "kv"])
+def test_gradients_of_any_subset_of_the_inputs(flat_queries: int, needed: str) -> None:
+    """Only the inputs that require a gradient get one, equal to the unfused map's, whether every block
+    takes CSR products or the first one (flat queries) takes dense ones: each gradient accumulator is made
+    only where a block adds to it."""
+    q, k, v = _inputs(1, 2, 64, 512, 4, spread=12.0, seed=9)
+    with torch.no_grad():
+        q[..., :flat_queries, :] = 0.0
+    inputs = {"q": q, "k": k, "v": v}
+    for name, tensor in inputs.items():
+        tensor.requires_grad_(name in needed)
+    out = entmax_attention(q, k, v, alpha=1.5, block_elements=2 * 512 * 16)
+    assert _block_kinds(out) == ({"dense", "csr"} if flat_queries else {"csr"})
+    _assert_gradients_match(out, _reference(q, k, v, 1.5), [inputs[name] for name in needed], atol=1e-11)
+
+
 @pytest.mark.parametrize("spread", [0.5, 8.0])
 def test_dropout_is_reproducible_and_differentiated(spread: float) -> None:
     """With dropout, the same seed gives the same output, gradcheck passes (the backward uses the forward's
