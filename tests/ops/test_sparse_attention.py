@@ -384,17 +384,44 @@ def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
 
 
-@pytest.mark.parametrize("alpha", [1.5, 1.3])
-def test_devices_that_need_sorted_keys_get_them(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the CSR products need each row's keys in ascending order (cuSPARSE; forced here on CPU), the
-    support blocks hold them so, and the outputs and gradients still equal the unfused map."""
+@pytest.mark.parametrize(("alpha", "rows"), [(1.5, "peaked"), (1.3, "peaked"), (1.3, "one flat in sixteen")])
+def test_devices_other_than_the_cpu(alpha: float, rows: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CSR products need each row's keys in ascending order (cuSPARSE) and the row sums take
+    ``index_add_`` (forced here on CPU), the support blocks hold each CSR row's keys ascending, and the
+    transposed pattern of the key and value gradients each key's rows ascending, also with rows solved
+    again by later passes; the outputs and gradients still equal the unfused map."""
     monkeypatch.setattr(sparse_attention, "_UNSORTED_CSR_DEVICES", ())
-    q, k, v = _inputs(1, 2, 64, 512, 8, spread=2.0, seed=8)
+    monkeypatch.setattr(sparse_attention, "_SEGMENT_SUM_DEVICES", ())
+    if rows == "peaked":
+        q, k, v = _inputs(1, 2, 64, 512, 8, spread=2.0, seed=8)
+    else:
+        q, k, v, _ = _one_flat_query_in_sixteen()
     out = entmax_attention(q, k, v, alpha=alpha, block_elements=2 * 512 * 16)
+    again = 0
     for block in out.grad_fn.blocks:
         assert isinstance(block, _SupportBlock)
         keys_in_rows = torch.tensor_split(block.col.long(), block.crow[1:-1].long().tolist())
         assert all(torch.all(keys.diff() > 0) for keys in keys_in_rows)
+        crow_t, col_t, _ = sparse_attention._csr_transpose(block, 2 * 512)
+        rows_of_keys = torch.tensor_split(col_t.long(), crow_t[1:-1].long().tolist())
+        assert all(torch.all(rows.diff() > 0) for rows in rows_of_keys)
+        again += 0 if block.again is None else block.again.numel()
+    assert again > 0 or rows == "peaked", "rows solved again by later passes"
     ref = _reference(q, k, v, alpha)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5), (1, 0, 5), (1, 2, 0)])
+def test_no_rows_to_attend_give_an_empty_differentiable_output(shape: tuple[int, int, int]) -> None:
+    """An empty batch, no heads or no queries give an empty output that backpropagates (zero-size
+    gradients); no keys is refused by name."""
+    batch, heads, n_queries = shape
+    q = torch.randn(batch, heads, n_queries, 4, requires_grad=True)
+    k, v = torch.randn(batch, heads, 7, 4, requires_grad=True), torch.randn(batch, heads, 7, 3)
+    out = entmax_attention(q, k, v, alpha=1.3)
+    assert out.shape == (batch, heads, n_queries, 3)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    with pytest.raises(ValueError, match="at least one key"):
+        entmax_attention(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 3))
