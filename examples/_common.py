@@ -117,6 +117,17 @@ def configure(model, spec: str, **kwargs):
     return hf_eot.configure(model, name, **kwargs, **params)
 
 
+def end_processes() -> None:
+    """Under ``accelerate launch`` (or ``torchrun``): wait for every process and close their process group;
+    gloo's threads still running at interpreter exit can abort a process (SIGABRT) after its results are
+    written.  Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 

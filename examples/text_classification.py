@@ -325,3 +325,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    _common.end_processes()

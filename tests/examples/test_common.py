@@ -247,3 +247,15 @@ def test_attention_lr_puts_learned_attention_parameters_in_groups_of_their_own(t
     optimizer.step()
     scheduler.step()  # step 1 of 2 warm-up steps: both rates at half their peak
     assert sorted({group["lr"] for group in optimizer.param_groups}) == pytest.approx([0.5e-4, 0.025])
+
+
+def test_end_processes_closes_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    """end_processes (called at the end of each example script) destroys an initialised process group (a
+    one-process gloo group here), and does nothing when there is none."""
+    import torch.distributed as dist
+
+    _common.end_processes()  # no group: nothing happens
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    _common.end_processes()
+    assert not dist.is_initialized()
