@@ -250,8 +250,8 @@ def _top_support(
     from their whole rows once that exceeds the top-k fraction; None (the block is solved over whole rows)
     if more than half of the rows are left after a pass, or more than :data:`_WHOLE_ROWS_FRACTION` for the
     whole-row pass.  The first pass fills the rows' own CSR rows, each later pass appends new CSR rows for
-    the rows it solves again (no merge of the passes).  Only the top entries are
-    shifted and scaled: ``X = max((alpha - 1) (V - m), floor)``.
+    the rows it solves again (no merge of the passes).  Only the top entries are shifted and scaled:
+    ``X = max((alpha - 1) (V - m), floor)``.
     Rows not in ``row_valid`` (fully masked queries) get no entries; a row whose maximum is -inf without a
     mask (a row of -inf logits, NaN once shifted) is never solved, so the block goes to the whole-row
     path, which gives NaN as the weights path does."""
@@ -583,11 +583,10 @@ def _input_gradient(csr_part: Tensor | None, dense_part: Tensor | None, like: Te
 @dataclass
 class _Backward:
     """The inputs of a backward pass (``query`` scaled, ``key_t``/``value_t`` transposed copies where dense
-    products need them) and its
-    gradient accumulators, None where no gradient is needed or no block adds to them.  Products on dense
-    blocks accumulate the key and value gradients transposed (``d_key_t``, ``d_value_t``:
-    ``(B, H, d, K)``), CSR products untransposed (``d_key``, ``d_value``); ``buffer`` holds one block of
-    dense scores."""
+    products need them) and its gradient accumulators, None where no gradient is needed or no block adds
+    to them.  Products on dense blocks accumulate the key and value gradients transposed (``d_key_t``,
+    ``d_value_t``: ``(B, H, d, K)``), CSR products untransposed (``d_key``, ``d_value``); ``buffer`` holds
+    one block of dense scores."""
 
     query: Tensor
     key: Tensor
