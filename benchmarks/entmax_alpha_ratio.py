@@ -1,0 +1,67 @@
+"""What a Newton-threshold alpha costs against the exact 1.5-entmax in the fused attention, measured
+interleaved.
+
+    python benchmarks/entmax_alpha_ratio.py                    # alpha 1.3 vs 1.5 at n = 512 and 1024
+    python benchmarks/entmax_alpha_ratio.py --alphas 1.3 1.7 --sizes 1024 --repeats 21
+
+``benchmarks/attention.py`` times each map's rows one after the other (best of a few), so a slow
+minute of this shared machine lands on one row only; here the maps' calls alternate (1.5, 1.3, 1.5,
+1.3, ...) for the same inputs (B = 2, H = 8, d = 64, float32, forward+backward of
+``ops.entmax_attention``, 2 threads), and each ratio is the median over rounds of the two calls of one
+round, so that drifts of the machine cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hf_eot.ops import entmax_attention
+
+
+def _seconds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, alpha: float) -> float:
+    """Wall seconds of one forward+backward of the fused map."""
+    start = time.perf_counter()
+    entmax_attention(q, k, v, alpha=alpha).backward(grad)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--alphas", nargs="+", type=float, default=[1.3], help="compared with --baseline")
+    p.add_argument("--baseline", type=float, default=1.5)
+    p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--repeats", type=int, default=11, help="rounds (after one warm-up round)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=2 H=8 d=64 float32, fwd+bwd")
+    print(f"| n | alpha | median ms | {args.baseline} median ms | median of per-round ratios | min - max ratio |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for n in args.sizes:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, 8, n, 64, generator=gen).requires_grad_() for _ in range(3))
+        grad = torch.randn(2, 8, n, 64, generator=gen)
+        alphas = [args.baseline, *args.alphas]
+        times: dict[float, list[float]] = {a: [] for a in alphas}
+        for round_ in range(args.repeats + 1):
+            for alpha in alphas:
+                elapsed = _seconds(q, k, v, grad, alpha)
+                if round_:
+                    times[alpha].append(elapsed)
+        base = times[args.baseline]
+        for alpha in args.alphas:
+            ratios = [t / b for t, b in zip(times[alpha], base, strict=True)]
+            print(
+                f"| {n} | {alpha:g} | {statistics.median(times[alpha]) * 1e3:.0f} | "
+                f"{statistics.median(base) * 1e3:.0f} | {statistics.median(ratios):.2f} | "
+                f"{min(ratios):.2f} - {max(ratios):.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
