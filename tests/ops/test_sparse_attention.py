@@ -340,7 +340,8 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
 def test_rows_solved_again_keep_their_entries_in_csr_rows_after_the_blocks_rows() -> None:
     """A row that a later pass solves again has an empty CSR row of its own and all of its support in one
     CSR row after the block's rows (one per pass that solved it again, the last one holding it): every
-    support entry once, with its row's weights; with dropout (multipliers drawn per entry) gradcheck still passes through such blocks."""
+    support entry once, with its row's weights; with dropout (multipliers drawn per entry) gradcheck still
+    passes through such blocks."""
     q, k, v, _ = _one_flat_query_in_sixteen()
     out = entmax_attention(q, k, v, alpha=1.3, block_elements=2 * 512 * 16)
     weights = entmax_weights((q @ k.transpose(-1, -2)) * 0.5, 1.3).detach()  # (1, 2, 64, 512)
@@ -404,7 +405,7 @@ def test_devices_other_than_the_cpu(alpha: float, rows: str, monkeypatch: pytest
         assert all(torch.all(keys.diff() > 0) for keys in keys_in_rows)
         crow_t, col_t, _ = sparse_attention._csr_transpose(block, 2 * 512)
         rows_of_keys = torch.tensor_split(col_t.long(), crow_t[1:-1].long().tolist())
-        assert all(torch.all(rows.diff() > 0) for rows in rows_of_keys)
+        assert all(torch.all(columns.diff() > 0) for columns in rows_of_keys)
         again += 0 if block.again is None else block.again.numel()
     assert again > 0 or rows == "peaked", "rows solved again by later passes"
     ref = _reference(q, k, v, alpha)
