@@ -412,8 +412,8 @@ def _entmax_backward(
     return dL.addcmul_(gppr, coef, value=-1.0)
 
 
-#: Devices whose sums over the support's rows are segment sums over the CSR rows (``torch.segment_reduce``:
-#: 2.5x faster than ``index_add_`` by row on CPU; it has no kernel on some devices, e.g. MPS).
+#: Devices whose sums over the support's rows are segment sums over the CSR rows (``torch.segment_reduce``,
+#: faster than ``index_add_`` by row on CPU; it has no kernel on some devices, e.g. MPS).
 _SEGMENT_SUM_DEVICES = ("cpu",)
 
 
