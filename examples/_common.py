@@ -67,11 +67,12 @@ def spec_label(text: str) -> str:
 
 
 def learns_attention(spec: str) -> bool:
-    """Whether a spec's regularizer trains parameters of its own (e.g. ``entmax:learn_alpha=true``)."""
-    from hf_eot.regularizers import get_regularizer, validate_params
+    """Whether a spec makes the model learn attention parameters (``hf_eot``'s ``required_layout``: e.g.
+    ``entmax:learn_alpha=true``, or a learned relative-bucket prior)."""
+    from hf_eot.config import AttentionSpec
+    from hf_eot.integration.parameters import required_layout
 
-    name, params = parse_spec(spec)
-    return bool(get_regularizer(name).learned(validate_params(name, params)))
+    return bool(required_layout(AttentionSpec(*parse_spec(spec))))
 
 
 def attention_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

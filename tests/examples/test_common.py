@@ -226,6 +226,7 @@ def test_attention_lr_puts_learned_attention_parameters_in_groups_of_their_own(t
     model = BertForSequenceClassification(config)
     _common.configure(model, "entmax:alpha=1.5,learn_alpha=true")
     assert _common.learns_attention("entmax:alpha=1.5,learn_alpha=true") and not _common.learns_attention("sparsemax")
+    assert _common.learns_attention("softmax:prior=relative_buckets")  # the learned bucket table
     targs = TrainingArguments(
         output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.01, warmup_steps=2, report_to=[], use_cpu=True
     )
