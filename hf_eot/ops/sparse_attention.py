@@ -519,7 +519,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 n_rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
                 csr = csr_device and top.weights.numel() <= CSR_FRACTION * n_rows * n_keys
                 blk = _support_block(rows, top, logits.shape, dropout, csr)
-                support = _typical_support(_support_sizes(blk), alpha) if n_rows else 0
+                support = _typical_support(_support_sizes(blk), alpha)
                 dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
                 if csr:
                     if value_c is None:
