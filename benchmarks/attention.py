@@ -5,7 +5,8 @@
     python benchmarks/attention.py --only ot "entmax 1.3"  # some rows (torch SDPA is always measured)
 
 Rows: the "eot" attention function (hf_eot's Transformers glue) configured for softmax, sparsemax,
-1.5-entmax, 1.3-entmax and OT attention; Transformers' ``attn_implementation="sdpa"`` function (the
+1.5-entmax, 1.3-entmax (by hf_eot's native CPU kernel where it is built, and by its torch path with
+``HF_EOT_NATIVE=0``) and OT attention; Transformers' ``attn_implementation="sdpa"`` function (the
 peer of "eot" softmax); the ``entmax`` package's ``sparsemax``, ``entmax15`` and ``entmax_bisect``;
 an eager softmax (``softmax(q k^T / sqrt(d)) v``, the memory yardstick of the sparse maps); and, at
 logit std 1 and 4, doubly stochastic (Sinkhorn) attention four ways: hf_eot's
@@ -129,6 +130,23 @@ def _pot_sinkhorn(scores: torch.Tensor) -> torch.Tensor:
     return plan.reshape(scores.shape)
 
 
+def _without_native(attention: Attention) -> Attention:
+    """``attention`` with hf_eot's native CPU kernels switched off (``HF_EOT_NATIVE=0``) during its calls."""
+
+    def call(*args: torch.Tensor) -> torch.Tensor:
+        before = os.environ.get("HF_EOT_NATIVE")
+        os.environ["HF_EOT_NATIVE"] = "0"
+        try:
+            return attention(*args)
+        finally:
+            if before is None:
+                del os.environ["HF_EOT_NATIVE"]
+            else:
+                os.environ["HF_EOT_NATIVE"] = before
+
+    return call
+
+
 def candidates(heads: int, d: int) -> dict[str, tuple[Attention, str | None]]:
     """label -> (attention, label of its peer for the last column)."""
     from entmax import entmax15, entmax_bisect, sparsemax
@@ -141,6 +159,7 @@ def candidates(heads: int, d: int) -> dict[str, tuple[Attention, str | None]]:
         "eot sparsemax": (_eot("sparsemax", {}, heads, d), "pkg sparsemax"),
         "eot entmax 1.5": (_eot("entmax", {"alpha": 1.5}, heads, d), "pkg entmax15"),
         "eot entmax 1.3": (_eot("entmax", {"alpha": 1.3}, heads, d), "pkg entmax_bisect 1.3"),
+        "eot entmax 1.3, torch path": (_without_native(_eot("entmax", {"alpha": 1.3}, heads, d)), "eot entmax 1.3"),
         "pkg sparsemax": (_weights_then_values(lambda s: sparsemax(s, dim=-1)), None),
         "pkg entmax15": (_weights_then_values(lambda s: entmax15(s, dim=-1)), None),
         "pkg entmax_bisect 1.3": (_weights_then_values(lambda s: entmax_bisect(s, 1.3, dim=-1)), None),
@@ -334,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
          f"heads={args.heads} head_dim={args.dim} float32; best of {args.repeats} (rows over {args.slow:g} s: 1); "
          f"peak RSS {'per call, in a fresh process' if malloc_ok else 'not measured'}")
     emit(f"command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    native = ops.native_kernels_available()
+    emit(f"hf_eot native CPU kernels: {'built' if native else 'not available (torch path)'}")
     for n in args.sizes:
         q, k, v = inputs[n]
         results = timings[n]

@@ -8,7 +8,8 @@ interleaved.
 minute of this shared machine lands on one row only; here the maps' calls alternate (1.5, 1.3, 1.5,
 1.3, ...) for the same inputs (B = 2, H = 8, d = 64, float32, forward+backward of
 ``ops.entmax_attention``, 2 threads), and each ratio is the median over rounds of the two calls of one
-round, so that drifts of the machine cancel out.
+round, so that drifts of the machine cancel out.  Newton's alphas run on hf_eot's native CPU kernel where
+it is built (``HF_EOT_NATIVE=0``: the torch path).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from hf_eot.ops import entmax_attention
+from hf_eot.ops import entmax_attention, native_kernels_available
 
 
 def _seconds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, alpha: float) -> float:
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=2 H=8 d=64 float32, fwd+bwd")
+    native = "built" if native_kernels_available() else "not available (torch path)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=2 H=8 d=64 float32, fwd+bwd; "
+          f"hf_eot native CPU kernels: {native}")
     print(f"| n | alpha | median ms | {args.baseline} median ms | median of per-round ratios | min - max ratio |")
     print("|---:|---:|---:|---:|---:|---|")
     for n in args.sizes:

@@ -5,6 +5,7 @@ Nothing here imports Transformers.  Conventions (see :mod:`hf_eot.ops._masking`)
 fully masked rows give exactly 0 weights, half dtypes are computed in float32.
 """
 
+from ._native import native_kernels_available
 from .entmax import entmax15_weights, entmax_bisect_weights, entmax_newton_weights, entmax_weights
 from .ot import ot_weights
 from .priors import alibi_bias, alibi_slopes, relative_position_buckets
@@ -24,6 +25,7 @@ __all__ = [
     "entmax_newton_weights",
     "entmax_weights",
     "fused_pays",
+    "native_kernels_available",
     "ot_weights",
     "relative_position_buckets",
     "sinkhorn_weights",

@@ -6,7 +6,12 @@ Every alpha-entmax row is ``p_j = [(alpha - 1) (L_j - m) - tau]_+^{1/(alpha-1)} 
 Niculae & Martins 2019, eq. (10)) with ``m`` the row maximum, ``tau`` the threshold and ``Z`` 1 for the
 exact maps (alpha = 2, 1.5) or the sum before renormalisation (Newton's threshold, other alpha).
 
-Per block of queries the scores come from one matrix product.  Each block finds its thresholds from the
+Per block of queries the scores come from one matrix product.  On CPU, Newton's alphas (``1 < alpha < 2``
+other than 1.5) solve each row in one pass of a native kernel (:func:`hf_eot.ops._native.entmax_rows`:
+the row's candidates ``X_j > -1`` compacted, Newton's iteration on them, the support written out), over
+all its keys; blocks whose supports exceed :data:`_TOP_K_FRACTION` of their entries take the dense mode
+with its thresholds.  Elsewhere (the exact maps, other devices, no compiler, ``HF_EOT_NATIVE=0``) each
+block finds its thresholds from the
 ``k`` largest entries of each row (``torch.topk``, ``k`` a little above the previous block's largest
 support, or its 90% quantile for Newton's threshold, whose supports are wider; for the first block, that
 of a sample of its rows solved over whole rows), which is exact when the row's support lies in its top
@@ -27,8 +32,9 @@ few; else the block falls back to the dense mode).  The block's mode follows its
 * **dense** (wider supports, and under torch.compile): only ``m, tau, Z`` per row, as the log-sum-exp in
   flash attention; the backward recomputes the block's scores and ``P`` bit for bit.
 
-Peak memory per head is one block of scores (``O(n_keys * block)``) plus the kept supports (20 bytes
-per support entry, 24 with dropout), instead of the several ``(n_queries, n_keys)`` tensors of
+Peak memory per head is one block of scores (``O(n_keys * block)``; three with the native kernel, whose
+rows are compacted into two scratch blocks) plus the kept supports (20 bytes per support entry, 24 with
+dropout), instead of the several ``(n_queries, n_keys)`` tensors of
 computing the weights first.  The values equal those of
 :func:`hf_eot.ops.entmax_weights` followed by ``@ value`` to round-off (tests compare them).
 """
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _native
 from ._masking import compute_dtype, sum_to_shape
 from .entmax import DEFAULT_MAX_ITERS, _entmax15_threshold, _entmax_newton_threshold, _nonnegative_power
 from .sparsemax import ThresholdFn, _partial_sort_threshold, _sparsemax_threshold
@@ -300,6 +307,32 @@ def _top_support(
         k *= 2
 
 
+def _native_newton(logits: Tensor, alpha: float) -> bool:
+    """Whether the block's rows are solved by the native kernel (:func:`hf_eot.ops._native.entmax_rows`:
+    Newton's threshold, ``1 < alpha < 2`` other than 1.5, on CPU) rather than by :func:`_top_support`."""
+    return not _sort_based(alpha) and _native.entmax_support_applies(logits, alpha)
+
+
+def _native_support(
+    logits: Tensor, alpha: float, max_iters: int, row_valid: Tensor | None
+) -> tuple[_Support | None, Tensor | None]:
+    """The rows of ``logits`` ``(R, n)`` (masked keys at -inf) solved by the native kernel, each over all its
+    keys (Newton's method on its candidates ``(alpha - 1)(L_j - m) > -1``): ``(support, None)``, or
+    ``(None, tau)`` ``(R,)`` if the supports hold more than :data:`_TOP_K_FRACTION` of the entries (the
+    block takes the dense mode with these thresholds, as the torch path does past its top-k limit), or
+    ``(None, None)`` if a row to solve has no finite maximum (a row of -inf logits without a mask, or NaN:
+    the torch path gives NaN, as the weights path does)."""
+    row_max = logits.amax(dim=-1)
+    solvable = torch.isfinite(row_max) if row_valid is None else torch.isfinite(row_max) | ~row_valid
+    if not bool(solvable.all()):
+        return None, None
+    rows = _native.entmax_rows(logits, row_max, row_valid, alpha, max_iters)
+    if int(rows.counts.sum()) > _TOP_K_FRACTION * logits.numel():
+        return None, rows.tau
+    weights, key, row = rows.packed()
+    return _Support(weights, row, key, row, None), None
+
+
 def _support_block(
     rows: slice, support: _Support, shape: tuple[int, ...], dropout: float, csr: bool
 ) -> _SupportBlock:
@@ -501,6 +534,9 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         support: int | None = None  # the typical support of the previous block (or the first block's sample)
         csr_device = value.device.type in _CSR_DEVICES
         value_c: Tensor | None = None  # the values as a (B H K, d_v) matrix of the compute dtype, once needed
+        eager = not torch.compiler.is_compiling()  # else every block is dense (no host-synchronised top k)
+        native = eager and _native_newton(buffer, alpha)  # rows solved by the native kernel
+        top_k = eager and not native  # supports from each row's top k, sized from the previous block's
         for start in range(0, n_queries, block):
             rows = slice(start, min(start + block, n_queries))
             mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)
@@ -508,18 +544,21 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             if mask_b is not None:
                 logits.masked_fill_(~mask_b, float("-inf"))
             row_valid = _row_valid(mask_b, cdtype)
-            top = None
-            if not torch.compiler.is_compiling():
+            top, tau = None, None  # tau: the rows' thresholds, if already known
+            valid = None if row_valid is None else row_valid.view(-1).bool()
+            if native:
+                top, tau = _native_support(logits.view(-1, n_keys), alpha, max_iters, valid)
+            elif top_k:
                 if support is None:
                     support = _sampled_support(logits.view(-1, n_keys), alpha, max_iters, mask_b is not None)
                 guess = max(8, (5 * support) // 4 + 1)
-                valid = None if row_valid is None else row_valid.view(-1).bool()
                 top = _top_support(logits.view(-1, n_keys), alpha, max_iters, guess, valid)
             if top is not None:
                 n_rows = logits.shape[0] * logits.shape[1] * logits.shape[2]
                 csr = csr_device and top.weights.numel() <= CSR_FRACTION * n_rows * n_keys
                 blk = _support_block(rows, top, logits.shape, dropout, csr)
-                support = _typical_support(_support_sizes(blk), alpha)
+                if top_k:
+                    support = _typical_support(_support_sizes(blk), alpha)
                 dropped = blk.weights if blk.keep is None else blk.weights * blk.keep
                 if csr:
                     if value_c is None:
@@ -533,9 +572,12 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             else:
                 row_max = _row_max(logits, mask_b is not None)
                 X = _shifted(logits, mask_b, row_max, alpha)
-                tau = _dense_threshold(X, mask_b, alpha, max_iters, support)
+                if tau is None:
+                    tau = _dense_threshold(X, mask_b, alpha, max_iters, support)
+                else:
+                    tau = tau.view(*X.shape[:-1], 1)
                 P, _, total = _dense_weights(X, tau, None, row_valid, alpha)
-                if not torch.compiler.is_compiling():
+                if top_k:
                     support = _typical_support((P > 0).sum(dim=-1).view(-1), alpha)
                 if dropout > 0.0:
                     P.mul_(_seeded_keep(P, dropout, seed + start))

@@ -8,10 +8,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_eot.ops import entmax_attention, entmax_weights, sparse_attention
+from hf_eot.ops import _native, entmax_attention, entmax_weights, sparse_attention
 from hf_eot.ops.sparse_attention import _SupportBlock
 
 ALPHAS = [2.0, 1.5, 1.3, 1.7]
+#: Each alpha with the paths that solve its rows: Newton's alphas by the native kernel on CPU, or by the
+#: torch top-k path (devices without it, no compiler, HF_EOT_NATIVE=0); the exact maps by the torch path.
+ALPHA_PATHS = [(2.0, "torch"), (1.5, "torch"), (1.3, "native"), (1.3, "torch"), (1.7, "native"), (1.7, "torch")]
+
+
+def _use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Newton's alphas through the native kernel (which must be built: it is wherever a C++ compiler is)
+    or through the torch top-k path."""
+    if path == "torch":
+        monkeypatch.setattr(sparse_attention, "_native_newton", lambda logits, alpha: False)
+    elif _native._compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the native kernel cannot be built")
+    else:
+        assert _native._library() is not None, "a C++ compiler is there but the native kernel did not build"
 
 
 def _inputs(
@@ -51,17 +65,19 @@ def _block_kinds(out: torch.Tensor) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize(("alpha", "path"), ALPHA_PATHS)
 @pytest.mark.parametrize("spread", [0.3, 6.0])
 @pytest.mark.parametrize("mode", ["support", "dense"])
 def test_values_and_gradients_match_the_unfused_map(
-    alpha: float, spread: float, mode: str, monkeypatch: pytest.MonkeyPatch
+    alpha: float, path: str, spread: float, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Outputs and the gradients of query, key, value and a learned prior equal the unfused map to float64
     round-off, with a padding mask (one fully masked row) and several query blocks, for flatter (spread
     0.3) and peaked scores (spread 6); every block keeps its support (the first sizes its top k from a
     sample of its rows, whose masked keys do not count), or, with no top k allowed, every block is dense
-    (statistics only, the weights recomputed in the backward with the forward's normaliser)."""
+    (statistics only, the weights recomputed in the backward with the forward's normaliser; the native
+    kernel's blocks take it when their supports exceed that fraction of the entries)."""
+    _use_path(path, monkeypatch)
     if mode == "dense":
         monkeypatch.setattr(sparse_attention, "_TOP_K_FRACTION", 0.0)
     q, k, v = _inputs(2, 3, 40, 320, 8, spread=spread, seed=0)
@@ -83,15 +99,19 @@ def test_values_and_gradients_match_the_unfused_map(
 
 
 @pytest.mark.parametrize("csr", [True, False])
-@pytest.mark.parametrize(("alpha", "peak", "medium"), [(2.0, 12.0, 0.15), (1.5, 12.0, 2.0), (1.3, 30.0, 20.0)])
+@pytest.mark.parametrize(
+    ("alpha", "path", "peak", "medium"),
+    [(2.0, "torch", 12.0, 0.15), (1.5, "torch", 12.0, 2.0), (1.3, "torch", 30.0, 20.0), (1.3, "native", 30.0, 20.0)],
+)
 def test_the_block_modes_in_one_call(
-    alpha: float, peak: float, medium: float, csr: bool, monkeypatch: pytest.MonkeyPatch
+    alpha: float, path: str, peak: float, medium: float, csr: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A call whose query blocks are flat (wide supports: dense mode), then peaked (supports of a few keys:
     sparse CSR products), then in between (supports of tens of keys: CSR products while they hold at most
     a fraction of the entries, here 1/32, else products on the scattered weights) equals the unfused map,
     gradients included; a prior broadcast over the queries gets the summed gradient.  On a device without
     sparse CSR products every top-k block takes the scattered weights."""
+    _use_path(path, monkeypatch)
     monkeypatch.setattr(sparse_attention, "CSR_FRACTION", 1 / 32)
     if not csr:
         monkeypatch.setattr(sparse_attention, "_CSR_DEVICES", ())
@@ -110,12 +130,13 @@ def test_the_block_modes_in_one_call(
     _assert_gradients_match(out, ref, (q, k, v, prior), atol=1e-11)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 1.5, 1.4])
+@pytest.mark.parametrize(("alpha", "path"), [(2.0, "torch"), (1.5, "torch"), (1.4, "torch"), (1.4, "native")])
 @pytest.mark.parametrize("spread", [0.5, 8.0])
-def test_gradcheck(alpha: float, spread: float) -> None:
+def test_gradcheck(alpha: float, path: str, spread: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finite differences (float64, gradcheck's fast mode: random directions) agree with the analytic
-    backward of every block mode met (three query blocks from their top k, sparse CSR products on peaked
-    scores)."""
+    backward of every block mode met (three query blocks from their top k or the native kernel, sparse CSR
+    products on peaked scores)."""
+    _use_path(path, monkeypatch)
     q, k, v = _inputs(1, 2, 48, 288, 3, spread=spread, seed=3)
 
     def fn(q, k, v):
@@ -281,13 +302,17 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-12)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 1.3])
+@pytest.mark.parametrize(("alpha", "path"), [(2.0, "torch"), (1.3, "torch"), (1.3, "native")])
 @pytest.mark.parametrize("infinite", ["-inf row", "+inf key"])
-def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(alpha: float, infinite: str) -> None:
+def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(
+    alpha: float, path: str, infinite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A query whose log-prior is -inf on every key, or +inf on one (no mask), in a block that takes its
-    threshold from the top k (sorted for sparsemax, in any order for Newton's 1.3-entmax): NaN, as the
-    unfused map gives, and the other rows unchanged (the row is never counted as solved, so it is not
-    left out of the support)."""
+    threshold from the top k (sorted for sparsemax, in any order for Newton's 1.3-entmax) or from the
+    native kernel: NaN, as the unfused map gives, and the other rows unchanged (the row is never counted
+    as solved, so it is not left out of the support; the native kernel leaves such blocks to the torch
+    path)."""
+    _use_path(path, monkeypatch)
     q, k, v = _inputs(1, 2, 48, 320, 4, spread=8.0, seed=10)
     prior = torch.zeros(1, 2, 48, 320, dtype=torch.float64)
     if infinite == "-inf row":
@@ -319,7 +344,9 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
     """1.3-entmax sizes its top k from the 90% quantile of the previous block's supports: in blocks where
     one query in sixteen is flat (a support several times wider than the others', beyond the quantile),
     those rows are solved again from a wider top k or their whole rows, the blocks keep their supports (no
-    dense fallback), and the values and gradients equal the unfused map."""
+    dense fallback), and the values and gradients equal the unfused map (the torch path: the native
+    kernel solves whole rows)."""
+    _use_path("torch", monkeypatch)
     q, k, v, flat = _one_flat_query_in_sixteen()
     top_k, topk = [], torch.topk
     monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: top_k.append((x.shape[0], k)) or topk(x, k, *a, **kw))
@@ -337,11 +364,14 @@ def test_newton_rows_wider_than_the_typical_support_are_solved_again(monkeypatch
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
 
 
-def test_rows_solved_again_keep_their_entries_in_csr_rows_after_the_blocks_rows() -> None:
-    """A row that a later pass solves again has an empty CSR row of its own and all of its support in one
-    CSR row after the block's rows (one per pass that solved it again, the last one holding it): every
-    support entry once, with its row's weights; with dropout (multipliers drawn per entry) gradcheck still
-    passes through such blocks."""
+def test_rows_solved_again_keep_their_entries_in_csr_rows_after_the_blocks_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row that a later pass of the torch path solves again has an empty CSR row of its own and all of
+    its support in one CSR row after the block's rows (one per pass that solved it again, the last one
+    holding it): every support entry once, with its row's weights; with dropout (multipliers drawn per
+    entry) gradcheck still passes through such blocks."""
+    _use_path("torch", monkeypatch)
     q, k, v, _ = _one_flat_query_in_sixteen()
     out = entmax_attention(q, k, v, alpha=1.3, block_elements=2 * 512 * 16)
     weights = entmax_weights((q @ k.transpose(-1, -2)) * 0.5, 1.3).detach()  # (1, 2, 64, 512)
@@ -390,7 +420,9 @@ def test_devices_other_than_the_cpu(alpha: float, rows: str, monkeypatch: pytest
     """Where the CSR products need each row's keys in ascending order (cuSPARSE) and the row sums take
     ``index_add_`` (forced here on CPU), the support blocks hold each CSR row's keys ascending, and the
     transposed pattern of the key and value gradients each key's rows ascending, also with rows solved
-    again by later passes; the outputs and gradients still equal the unfused map."""
+    again by later passes; the outputs and gradients still equal the unfused map.  (Newton's alphas take
+    the torch path there: the native kernel is CPU only.)"""
+    _use_path("torch", monkeypatch)
     monkeypatch.setattr(sparse_attention, "_UNSORTED_CSR_DEVICES", ())
     monkeypatch.setattr(sparse_attention, "_SEGMENT_SUM_DEVICES", ())
     if rows == "peaked":

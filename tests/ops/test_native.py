@@ -1,0 +1,188 @@
+"""Tests for hf_eot.ops._native: the native CPU kernel of general-alpha entmax rows must equal the torch
+weights (``entmax_weights``) row by row, and its build must fall back to the torch path, with a warning,
+where it cannot be made."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_eot.ops import _native, entmax_attention, entmax_weights, native_kernels_available
+from hf_eot.ops.entmax import _entmax_newton_threshold
+
+pytestmark = pytest.mark.skipif(
+    _native._compiler() is None, reason="no C++ compiler on this machine: the native kernel cannot be built"
+)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """The loader's cache of the built library emptied before and after the test, builds into ``tmp_path``."""
+    monkeypatch.setenv("HF_EOT_CACHE", str(tmp_path))
+    _native._library.cache_clear()
+    yield tmp_path
+    _native._library.cache_clear()
+
+
+def _solved(logits: torch.Tensor, alpha: float, mask: torch.Tensor | None = None, max_iters: int = 50):
+    """The kernel's rows of ``logits`` ``(R, n)`` (masked keys at -inf) as dense weights ``(R, n)``, with its
+    thresholds and support sizes."""
+    valid = None if mask is None else mask.any(dim=-1)
+    x = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+    row_max = x.amax(dim=-1)
+    if valid is not None:
+        row_max = torch.where(valid, row_max, torch.zeros_like(row_max))
+    rows = _native.entmax_rows(x.clone(), row_max, valid, alpha, max_iters)
+    weights, keys, row = rows.packed()
+    dense = torch.zeros_like(logits)
+    dense[row, keys] = weights
+    return dense, rows, keys, row
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.7, 1.95])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_equal_the_torch_weights(alpha: float, dtype: torch.dtype) -> None:
+    """Each row's weights equal ``entmax_weights`` (Newton's torch path) to round-off, with a padding mask
+    and a fully masked row (no entries, threshold -1); each row's keys are ascending and its size is its
+    support's; the thresholds equal the torch Newton threshold's."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 300, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    mask = torch.rand(64, 300, generator=gen) > 0.25
+    mask[7] = False
+    dense, rows, keys, row = _solved(logits, alpha, mask)
+    ref = entmax_weights(logits, alpha, mask)
+    atol = 1e-13 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(dense, ref, atol=atol, rtol=0)
+    assert torch.equal(rows.counts, (ref > 0).sum(dim=-1)) or dtype == torch.float32
+    assert rows.counts[7] == 0 and rows.tau[7] == -1
+    assert torch.all(row.diff() >= 0)
+    same_row = row[1:] == row[:-1]
+    assert torch.all(keys[1:][same_row] > keys[:-1][same_row]), "keys ascending within each row"
+    assert torch.all(mask[row, keys]), "no masked key in a support"
+    X = ((logits - logits.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)) * (alpha - 1)).clamp(
+        min=-1
+    )
+    X = X.masked_fill(~mask, -1.0)
+    tau = _entmax_newton_threshold(X, alpha - 1.0, mask.sum(-1, keepdim=True).clamp(min=1).to(dtype), 50)
+    valid = mask.any(-1)
+    torch.testing.assert_close(
+        rows.tau[valid], tau.squeeze(-1)[valid], atol=10 * torch.finfo(dtype).eps, rtol=0
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    alpha=st.floats(1.01, 1.99).filter(lambda a: abs(a - 1.5) > 1e-3),
+    n_keys=st.integers(1, 200),
+    scale=st.sampled_from([0.0, 1e-3, 1.0, 30.0, 1e4]),
+    p_masked=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_property_rows_are_entmax(
+    alpha: float, n_keys: int, scale: float, p_masked: float, seed: int
+) -> None:
+    """For any alpha in (1, 2), row length, score scale (constant rows to +-1e4) and mask, float64 rows are
+    valid distributions (sum 1, non-negative, 0 on masked keys and fully masked rows) equal to
+    ``entmax_weights``."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, n_keys, generator=gen, dtype=torch.float64) * scale
+    mask = torch.rand(6, n_keys, generator=gen) >= p_masked
+    dense, *_ = _solved(logits, alpha, mask)
+    valid = mask.any(-1)
+    assert torch.all(dense >= 0) and torch.all(dense[~mask] == 0)
+    torch.testing.assert_close(dense.sum(-1)[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+    torch.testing.assert_close(dense, entmax_weights(logits, alpha, mask), atol=1e-12, rtol=0)
+
+
+def test_max_iters_bounds_the_steps() -> None:
+    """With no Newton step the threshold stays at its start (-1) and every candidate is in the support."""
+    logits = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, rows, _, _ = _solved(logits, 1.3, max_iters=0)
+    candidates = ((logits - logits.amax(-1, keepdim=True)) * 0.3 > -1).sum(-1)
+    assert torch.all(rows.tau == -1) and torch.equal(rows.counts, candidates)
+
+
+def test_applies_only_where_it_can() -> None:
+    """The kernel takes CPU float32 / float64 logits for 1 < alpha < 2; half dtypes and other alphas not."""
+    x = torch.zeros(2, 8)
+    assert _native.entmax_support_applies(x, 1.3)
+    assert _native.entmax_support_applies(x.double(), 1.7)
+    assert not _native.entmax_support_applies(x.half(), 1.3)
+    assert not _native.entmax_support_applies(x, 2.0) and not _native.entmax_support_applies(x, 2.5)
+
+
+def test_builds_once_and_caches(fresh_build) -> None:
+    """The library is built into ``$HF_EOT_CACHE`` on first use and reused, not rebuilt, afterwards."""
+    assert _native._library() is not None
+    (library,) = (fresh_build / "native").glob("hf_eot_native_*.so")
+    built = library.stat().st_mtime_ns
+    _native._library.cache_clear()
+    assert _native._library() is not None
+    assert library.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize("cxx", ["gcc", "env g++"])
+def test_builds_with_a_c_compiler_driver_or_a_command_with_arguments(
+    cxx: str, fresh_build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CXX=gcc`` (which, unlike g++, does not link libm, home of the vectorised exp / log) and a ``CXX``
+    that holds arguments (as "ccache g++") build a library that loads and solves rows."""
+    if _native.shutil.which(cxx.split()[0]) is None or _native.shutil.which("g++") is None:
+        pytest.skip(f"{cxx} not on this machine")
+    monkeypatch.setenv("CXX", cxx)
+    assert _native._library() is not None
+    dense, *_ = _solved(torch.randn(3, 40, dtype=torch.float64), 1.3)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_float32_rows_of_many_keys_keep_their_sums() -> None:
+    """float32 rows of 200,000 keys sum to 1 to float32 round-off and equal the float64 rows to about it
+    (the kernel's sums are accumulated in double)."""
+    logits = torch.randn(4, 200_000, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 0.3
+    dense32, *_ = _solved(logits.float(), 1.1)
+    dense64, *_ = _solved(logits, 1.1)
+    assert (dense32.double().sum(-1) - 1).abs().max() < 2e-7
+    assert (dense32.double() - dense64).abs().sum(-1).max() < 2e-5
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_a_failed_build_warns_and_falls_back_to_torch(
+    compiler: str, fresh_build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a working compiler hf_eot warns once (naming the cause and the switch) and the fused map
+    takes the torch path, with the same values."""
+    monkeypatch.setenv("CXX", "no-such-compiler-hf-eot" if compiler == "missing" else "false")
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 40, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 400, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    with pytest.warns(_native.NativeBuildWarning, match="HF_EOT_NATIVE=0"):
+        out = entmax_attention(q, k, v, alpha=1.3)
+    assert not _native.entmax_support_applies(q, 1.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        entmax_attention(q, k, v, alpha=1.3)
+    ref = entmax_weights((q @ k.transpose(-1, -2)) * 16**-0.5, 1.3) @ v
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_loading_keeps_denormals(fresh_build) -> None:
+    """Loading the library (compiled with -ffast-math) leaves the process's floating-point state alone:
+    denormal numbers still exist (a fast-math link would flush them to zero in every later computation)."""
+    assert _native._library() is not None
+    tiny = torch.tensor(torch.finfo(torch.float32).tiny)
+    assert float(tiny / 8) > 0.0 and float(torch.tensor(1e-310, dtype=torch.float64)) > 0.0
+
+
+def test_switched_off_by_the_environment(fresh_build, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HF_EOT_NATIVE=0``: nothing is built, no warning, the torch path."""
+    monkeypatch.setenv("HF_EOT_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native_kernels_available()
+    assert not list(fresh_build.glob("**/*.so"))
+    monkeypatch.setenv("HF_EOT_NATIVE", "1")
+    assert native_kernels_available(), "the switch is read at every call"
