@@ -7,8 +7,9 @@ process's floating-point state is left alone: see :data:`_COMPILE_FLAGS`), and u
 eager mode.  If no compiler is found or the build fails, hf_eot warns once and
 keeps its pure-torch path (same values to round-off, slower).  ``HF_EOT_NATIVE=0`` turns them off.
 
-Kernels: :func:`entmax_rows` (general-alpha entmax rows by Newton's method, for
-:mod:`hf_eot.ops.sparse_attention`).
+Kernels: general-alpha entmax rows by Newton's method, as supports (:func:`entmax_rows`, for
+:mod:`hf_eot.ops.sparse_attention`) or dense rows (:func:`entmax_dense_rows`, for
+:func:`hf_eot.ops.entmax_newton_weights`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ _SOURCE = Path(__file__).parent / "native" / "entmax_support.cpp"
 #: Compiled with -ffast-math (vectorised exp / log), linked without it: linking a shared library with it
 #: adds crtfastmath.o (GCC < 13), which flushes denormals to zero in the whole process when it loads.
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17", "-c")
-#: -lm: the vectorised exp / log are glibc's libmvec (g++ links libm by itself, gcc does not); undefined
-#: symbols fail the link instead of the load.
-_LINK_FLAGS = ("-shared", "-fopenmp", "-Wl,--no-undefined", "-lm")
+#: -lm (the vectorised exp / log are glibc's libmvec) and -lstdc++: g++ links both by itself, a C driver
+#: (CXX=gcc) does not; undefined symbols fail the link instead of the load.
+_LINK_FLAGS = ("-shared", "-fopenmp", "-Wl,--no-undefined", "-lm", "-lstdc++")
 #: Seconds a compiler call may take before the build counts as failed.
 _BUILD_TIMEOUT = 120
 #: ``HF_EOT_NATIVE``: "0" turns the native kernels off.
@@ -133,6 +134,9 @@ def _library() -> ctypes.CDLL | None:
         solve = getattr(lib, f"hf_eot_entmax_support_{suffix}")
         solve.argtypes = [ptr, i64, i64, ptr, ptr, f64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
         solve.restype = None
+        dense = getattr(lib, f"hf_eot_entmax_dense_{suffix}")
+        dense.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+        dense.restype = None
         gather = getattr(lib, f"hf_eot_gather_support_{suffix}")
         gather.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
         gather.restype = None
@@ -215,3 +219,36 @@ def entmax_rows(
         rows.tau.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return rows
+
+
+def entmax_dense_rows_apply(X: Tensor, am1: Tensor | float) -> bool:
+    """Whether :func:`entmax_dense_rows` takes these rows: CPU, float32 / float64, eager mode, no NaN in
+    ``X`` (a row of -inf logits or a +inf one: the torch path gives NaN rows, as it should), every
+    ``alpha - 1`` in ``(0, 1)`` (a tensor's checked here: no host synchronisation on CPU), kernels built."""
+    if X.device.type != "cpu" or X.dtype not in _SUFFIX or torch.compiler.is_compiling():
+        return False
+    if bool(X.isnan().any()):
+        return False
+    if isinstance(am1, Tensor):
+        if am1.device.type != "cpu" or not bool(((am1 > 0) & (am1 < 1)).all()):
+            return False
+    elif not 0.0 < am1 < 1.0:
+        return False
+    return native_kernels_available()
+
+
+def entmax_dense_rows(X: Tensor, am1: Tensor | float, max_iters: int) -> tuple[Tensor, Tensor]:
+    """alpha-entmax of rows already shifted and scaled, ``X = max((alpha - 1)(L - max L), -1)`` ``(..., n)``
+    (masked keys at -1), with ``alpha - 1 = am1`` (float, or a tensor broadcastable to ``X[..., :1]``):
+    ``(p, tau)``, ``p`` of ``X``'s shape and ``tau`` ``(..., 1)``.  Requires
+    :func:`entmax_dense_rows_apply`."""
+    n_keys = X.shape[-1]
+    rows = X.reshape(-1, n_keys).contiguous()
+    am1_rows = torch.as_tensor(am1, dtype=X.dtype).expand(*X.shape[:-1], 1).reshape(-1).contiguous()
+    p = torch.empty_like(rows)
+    tau = rows.new_empty(rows.shape[0])
+    _function("entmax_dense", X.dtype)(
+        rows.data_ptr(), rows.shape[0], n_keys, am1_rows.data_ptr(), max_iters,
+        p.data_ptr(), tau.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return p.view(X.shape), tau.view(*X.shape[:-1], 1)

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _native
 from ._masking import check_logits, check_mask, compute_dtype, sum_to_shape
 from .softmax import softmax_weights
 from .sparsemax import _partial_sort_threshold, _shifted_rows, sparsemax_weights
@@ -254,7 +255,11 @@ def _entmax_newton_threshold(X: Tensor, am1: Tensor | float, d: Tensor | float, 
 
 def _entmax_newton_forward(X: Tensor, am1: Tensor | float, d: Tensor | float, max_iters: int) -> Tensor:
     """``p = [X - tau]_+^{1/(alpha-1)}`` with ``tau`` from :func:`_entmax_newton_threshold` (same
-    arguments), renormalised to sum 1."""
+    arguments), renormalised to sum 1; on CPU for ``1 < alpha < 2``, by the native kernel
+    (:func:`hf_eot.ops._native.entmax_dense_rows`: the same iteration row by row, over the row's
+    candidates ``X_j > -1``)."""
+    if _native.entmax_dense_rows_apply(X, am1):
+        return _native.entmax_dense_rows(X, am1, max_iters)[0]
     t = torch.sub(X, _entmax_newton_threshold(X, am1, d, max_iters)).clamp_(min=0.0)
     p = _nonnegative_power(t, 1.0 / am1) if isinstance(am1, float) else t.pow_(1.0 / am1)
     total = p.sum(dim=-1, keepdim=True)

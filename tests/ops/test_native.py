@@ -11,7 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_eot.ops import _native, entmax_attention, entmax_weights, native_kernels_available
+from hf_eot.ops import (
+    _native,
+    entmax_attention,
+    entmax_newton_weights,
+    entmax_weights,
+    native_kernels_available,
+)
 from hf_eot.ops.entmax import _entmax_newton_threshold
 
 pytestmark = pytest.mark.skipif(
@@ -186,3 +192,76 @@ def test_switched_off_by_the_environment(fresh_build, monkeypatch: pytest.Monkey
     assert not list(fresh_build.glob("**/*.so"))
     monkeypatch.setenv("HF_EOT_NATIVE", "1")
     assert native_kernels_available(), "the switch is read at every call"
+
+
+def _newton_weights_both_paths(logits, alpha, mask, grad, monkeypatch):
+    """``entmax_newton_weights`` and its gradients (logits, and alpha if a tensor) by the native kernel and
+    by the torch path."""
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HF_EOT_NATIVE", switch)
+        inputs = (logits, alpha) if isinstance(alpha, torch.Tensor) else (logits,)
+        out = entmax_newton_weights(logits, alpha, mask)
+        results.append((out, torch.autograd.grad(out, inputs, grad)))
+    return results
+
+
+@pytest.mark.parametrize("alpha", [1.05, 1.3, 1.7, "per head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dense_rows_equal_the_torch_path(alpha, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights path (``entmax_newton_weights``, dense rows) by the native kernel equals its torch path
+    in values and gradients (logits and a learned alpha per head), with a padding mask and a fully masked
+    row (exactly 0)."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 3, 20, 90, generator=gen, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    mask = torch.rand(2, 1, 20, 90, generator=gen) > 0.3
+    mask[1, 0, 4] = False
+    if alpha == "per head":
+        alpha = torch.tensor([1.2, 1.5, 1.8], dtype=dtype).view(3, 1, 1).requires_grad_()
+    grad = torch.randn(2, 3, 20, 90, generator=gen, dtype=torch.float64).to(dtype)
+    assert _native.entmax_dense_rows_apply(
+        logits, alpha - 1.0 if isinstance(alpha, float) else alpha.detach() - 1
+    )
+    (out, grads), (ref, ref_grads) = _newton_weights_both_paths(logits, alpha, mask, grad, monkeypatch)
+    atol = 1e-13 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    assert torch.all(out[1, :, 4] == 0)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=100 * atol, rtol=1e-5 if dtype == torch.float32 else 0)
+
+
+def test_dense_rows_gradcheck_with_a_learned_alpha() -> None:
+    """Finite differences (float64) agree with the gradients of logits and a per-head alpha through the
+    native forward."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 2, 3, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([1.25, 1.6], dtype=torch.float64).view(2, 1, 1).requires_grad_()
+    assert _native.entmax_dense_rows_apply(logits, alpha.detach() - 1)
+    assert torch.autograd.gradcheck(lambda x, a: entmax_newton_weights(x, a), (logits, alpha), atol=1e-7)
+
+
+@pytest.mark.parametrize("infinite", ["-inf row", "+inf key"])
+def test_dense_rows_of_infinite_logits_are_the_torch_paths(
+    infinite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row of -inf logits, or one with a +inf logit (no mask), gives NaN where the torch path does (the
+    whole row, or the infinite key): such calls take the torch path (the kernel, compiled for finite
+    inputs, never sees them)."""
+    logits = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    if infinite == "-inf row":
+        logits[1] = float("-inf")
+    else:
+        logits[1, 7] = float("inf")
+    out = entmax_newton_weights(logits, 1.3)
+    monkeypatch.setenv("HF_EOT_NATIVE", "0")
+    ref = entmax_newton_weights(logits, 1.3)
+    assert torch.isnan(out[1]).any()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0, equal_nan=True)
+
+
+def test_dense_rows_leave_other_alphas_to_torch() -> None:
+    """alpha >= 2 (non-convex Newton, or sparsemax) and tensors with such values take the torch path."""
+    x = torch.zeros(2, 3, 5)
+    assert not _native.entmax_dense_rows_apply(x, 1.0) and not _native.entmax_dense_rows_apply(x, 1.5)
+    assert not _native.entmax_dense_rows_apply(x, torch.tensor([0.3, 1.2, 0.5]).view(3, 1))
+    assert _native.entmax_dense_rows_apply(x, torch.tensor([0.3, 0.9, 0.5]).view(3, 1))

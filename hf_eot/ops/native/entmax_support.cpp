@@ -1,4 +1,5 @@
-// The support of alpha-entmax rows (1 < alpha < 2) by Newton's method on the threshold, one row per task.
+// alpha-entmax rows (1 < alpha < 2) by Newton's method on the threshold, one row per task: their supports
+// (hf_eot_entmax_support_*, for the fused attention) or dense rows (hf_eot_entmax_dense_*, for the weights).
 //
 // Built and loaded by hf_eot/ops/_native.py (plain C ABI, no torch headers: it compiles in about a second).
 // For a row of logits L (masked keys at -inf) with maximum m, X_j = (alpha - 1)(L_j - m) <= 0 and
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -83,17 +85,19 @@ int64_t drop_at_or_below(T* __restrict values, int32_t* __restrict keys, int64_t
   return kept;
 }
 
-// One row: compacts its candidates (values into `values`, keys into `keys`), solves for tau, and leaves
-// the support's weights and keys at the front of `values` and `keys`; returns the support's size.
+// One row: compacts its candidates X_j = (logits_j - row_max) * scale > -1 (values into `values`, keys into
+// `keys`), solves for tau with alpha - 1 = am1, and leaves the support's weights and keys at the front of
+// `values` and `keys`; returns the support's size.  (scale = am1 for raw logits; 1 for rows already shifted
+// and scaled.)
 template <typename T>
-int64_t solve_row(const T* __restrict logits, int64_t n, T row_max, T am1, int64_t max_iters, T* __restrict values,
-                  int32_t* __restrict keys, T& tau_out) {
+int64_t solve_row(const T* __restrict logits, int64_t n, T row_max, T scale, T am1, int64_t max_iters,
+                  T* __restrict values, int32_t* __restrict keys, T& tau_out) {
   const T r = T(1) / am1, rm1 = r - T(1);
   const T min_log = T(0.9) * std::log(Consts<T>::tiny);
   const T tol = std::pow(Consts<T>::eps, T(2) / T(3));
   int64_t c = 0;
   for (int64_t j = 0; j < n; ++j) {  // branchless, as drop_at_or_below
-    const T x = (logits[j] - row_max) * am1;
+    const T x = (logits[j] - row_max) * scale;
     values[c] = x;
     keys[c] = static_cast<int32_t>(j);
     c += x > T(-1);
@@ -115,8 +119,8 @@ int64_t solve_row(const T* __restrict logits, int64_t n, T row_max, T am1, int64
     c = drop_at_or_below(values, keys, c, tau);
   }
   T total = write_powers(values, c, tau, r, min_log);
-  const T scale = T(1) / (total > T(0) ? total : T(1));
-  for (int64_t j = 0; j < c; ++j) values[j] *= scale;
+  const T inv_total = T(1) / (total > T(0) ? total : T(1));
+  for (int64_t j = 0; j < c; ++j) values[j] *= inv_total;
   tau_out = tau;
   return drop_at_or_below(values, keys, c, T(0));
 }
@@ -132,7 +136,24 @@ void solve_rows(const T* logits, int64_t R, int64_t n, const T* row_max, const u
       tau[i] = T(-1);
       continue;
     }
-    counts[i] = solve_row(logits + i * n, n, row_max[i], am1, max_iters, values + i * n, keys + i * n, tau[i]);
+    counts[i] = solve_row(logits + i * n, n, row_max[i], am1, am1, max_iters, values + i * n, keys + i * n, tau[i]);
+  }
+}
+
+template <typename T>
+void solve_dense_rows(const T* X, int64_t R, int64_t n, const T* am1, int64_t max_iters, T* out, T* tau,
+                      int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> values(n);
+    std::vector<int32_t> keys(n);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t s = solve_row(X + i * n, n, T(0), T(1), am1[i], max_iters, values.data(), keys.data(), tau[i]);
+      T* __restrict row = out + i * n;
+      std::fill(row, row + n, T(0));
+      for (int64_t j = 0; j < s; ++j) row[keys[j]] = values[j];
+    }
   }
 }
 
@@ -168,6 +189,18 @@ void hf_eot_entmax_support_f64(const double* logits, int64_t R, int64_t n, const
                                const uint8_t* row_valid, double alpha, int64_t max_iters, double* values,
                                int32_t* keys, int64_t* counts, double* tau, int threads) {
   solve_rows<double>(logits, R, n, row_max, row_valid, alpha, max_iters, values, keys, counts, tau, threads);
+}
+
+// Dense alpha-entmax rows of X (R, n), already shifted and scaled (X_j = (alpha_i - 1)(L_j - max L) clamped at
+// -1, masked keys at -1), with alpha_i - 1 = am1[i] in (0, 1): out (R, n), thresholds tau (R,).
+void hf_eot_entmax_dense_f32(const float* X, int64_t R, int64_t n, const float* am1, int64_t max_iters, float* out,
+                             float* tau, int threads) {
+  solve_dense_rows<float>(X, R, n, am1, max_iters, out, tau, threads);
+}
+
+void hf_eot_entmax_dense_f64(const double* X, int64_t R, int64_t n, const double* am1, int64_t max_iters,
+                             double* out, double* tau, int threads) {
+  solve_dense_rows<double>(X, R, n, am1, max_iters, out, tau, threads);
 }
 
 // Packs the supports left by hf_eot_entmax_support_*: row pointers crow (R + 1,) -> weights, keys and rows
