@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,14 @@ def add_resume_arguments(parser, pair: str) -> None:
         help=f"keep the runs of <output-dir>/results.json and skip those {pair} pairs",
     )
     parser.add_argument(
+        "--save-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save a Trainer checkpoint of each run every N steps (the last one kept, in the run's folder "
+        "under --output-dir); with --resume, a run without results continues from its last checkpoint",
+    )
+    parser.add_argument(
         "--runs-from",
         nargs="+",
         default=[],
@@ -209,7 +218,7 @@ def add_resume_arguments(parser, pair: str) -> None:
 #: made, where it wrote, how it ran.  Any other difference means another protocol, and is refused.
 PER_PROCESS_ARGUMENTS = frozenset({
     "seeds", "variants", "regularizers", "output_dir", "resume", "runs_from", "save_dir", "save_model",
-    "model_cards_dir", "threads", "logging_steps", "eval_batch_size", "data_dir",
+    "model_cards_dir", "threads", "logging_steps", "eval_batch_size", "data_dir", "save_steps",
 })  # fmt: skip
 
 
@@ -258,6 +267,28 @@ def previous_runs(
     return list(runs.values())
 
 
+def last_checkpoint(args, output_dir) -> str | None:
+    """With ``--resume``, the last Trainer checkpoint (``checkpoint-<step>``, from ``--save-steps``) in a run's
+    folder, to continue that unfinished run from; else None (the run starts over)."""
+    if not getattr(args, "resume", False) or not Path(output_dir).is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir))
+
+
+def train(trainer, args):
+    """``trainer.train()``, continued from the run's last checkpoint with ``--resume`` (see
+    :func:`last_checkpoint`): ``(TrainOutput, seconds this process trained, the step it resumed from or
+    None)``.  A resumed run restores the model, optimizer, scheduler, RNG states and the data order; the
+    collators' own random draws (e.g. OT-ViT's template partners) restart from their seed."""
+    checkpoint = last_checkpoint(args, trainer.args.output_dir)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    resumed = None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[-1])
+    return output, time.perf_counter() - start, resumed
+
+
 def training_arguments(cls, args, output_dir, seed: int, **settings):
     """The ``TrainingArguments`` (or ``Seq2SeqTrainingArguments``) the examples share, plus ``settings``.
 
@@ -269,6 +300,9 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
     collator gets whole batches, not rows).
     """
     settings = {"remove_unused_columns": False, "logging_steps": 50} | settings
+    save_steps = getattr(args, "save_steps", 0)
+    if save_steps:
+        settings |= {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
     targs = cls(
         output_dir=str(output_dir),
         per_device_train_batch_size=args.batch_size,
@@ -278,13 +312,12 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
         data_seed=seed,
         bf16=args.bf16,
         eval_strategy="no",
-        save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         average_tokens_across_devices=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **settings,
+        **({"save_strategy": "no"} | settings),
     )
     targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
     return targs

@@ -19,7 +19,6 @@ The images are held as one uint8 tensor; a batch is one gather and one normalisa
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import _common
@@ -216,9 +215,7 @@ def build_trainer(args, variant: str, seed: int, data):
 
 def run_one(args, variant: str, seed: int, data) -> dict:
     trainer, card = build_trainer(args, variant, seed, data)
-    t0 = time.perf_counter()
-    train_out = trainer.train()
-    train_s = time.perf_counter() - t0
+    train_out, train_s, resumed = _common.train(trainer, args)
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         card.write(str(trainer.args.output_dir), trainer.args, trainer.state, trainer.model)
@@ -229,6 +226,7 @@ def run_one(args, variant: str, seed: int, data) -> dict:
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "resumed_from_step": resumed,
         "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),
         "steps": trainer.state.global_step,

@@ -336,9 +336,7 @@ def build_trainer(args, variant: str, seed: int, data, tokenizer):
 
 def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
     trainer, card = build_trainer(args, variant, seed, data, tokenizer)
-    t0 = time.perf_counter()
-    train_out = trainer.train()
-    train_s = time.perf_counter() - t0
+    train_out, train_s, resumed = _common.train(trainer, args)
     t0 = time.perf_counter()
     metrics = trainer.evaluate()
     eval_s = time.perf_counter() - t0
@@ -353,6 +351,7 @@ def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "resumed_from_step": resumed,
         "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),
         "generate_seconds": eval_s,

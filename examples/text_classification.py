@@ -18,7 +18,6 @@ The articles are tokenized once into padded tensors; each batch is cut to its lo
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import _common
@@ -209,9 +208,7 @@ def learned_alpha(model) -> dict[str, float] | None:
 def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str) -> dict:
     trainer, card = build_trainer(args, spec, seed, data, names, model_path)
     out = trainer.args.output_dir
-    t0 = time.perf_counter()
-    train_out = trainer.train()
-    train_s = time.perf_counter() - t0
+    train_out, train_s, resumed = _common.train(trainer, args)
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         card.write(str(out), trainer.args, trainer.state, trainer.model)
@@ -224,6 +221,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "resumed_from_step": resumed,
         "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),
         "steps": trainer.state.global_step,

