@@ -3,7 +3,8 @@
     python benchmarks/fused_crossover.py          # fused vs weights path, by length
     python benchmarks/fused_crossover.py csr      # sparse CSR products vs dense ones, by support size
 
-For sparsemax and 1.5-entmax at 128 to 1024 keys (the batch shrinking as the length grows, 12 heads, head
+For sparsemax, 1.5-entmax and 1.3-entmax (Newton's threshold: hf_eot's native CPU kernel on both paths
+where it is built) at 128 to 1024 keys (the batch shrinking as the length grows, 12 heads, head
 dim 32, a quarter of the keys padded, attention dropout 0 and 0.1), one torch thread: the CPU time of a
 forward+backward of ``entmax_attention`` and of ``dropout(entmax_weights(scores)) @ value``, best of 5
 interleaved runs, and their ratio (below 1: the fused map is faster).  ``hf_eot.ops.sparse_attention``'s
@@ -44,7 +45,7 @@ def main() -> None:
         q, k, v = (torch.randn(batch, heads, n, dim, requires_grad=True) for _ in range(3))
         mask = torch.ones(batch, 1, n, n, dtype=torch.bool)
         mask[..., n - n // 4 :] = False
-        for alpha in (2.0, 1.5):
+        for alpha in (2.0, 1.5, 1.3):
             for p in (0.0, 0.1):
                 def weights_path():
                     weights = entmax_weights((q @ k.transpose(-1, -2)) * dim**-0.5, alpha, mask)

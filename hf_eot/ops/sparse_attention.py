@@ -56,9 +56,11 @@ from .sparsemax import ThresholdFn, _partial_sort_threshold, _sparsemax_threshol
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention", "fused_pays"]
 
-#: The fused map pays from about this many keys on; with fewer (e.g. 128 or 256 tokens) computing and
-#: storing the weights is faster, and they are small (``python benchmarks/fused_crossover.py``) ...
-FUSED_MIN_KEYS = 384
+#: The fused map pays from about this many keys on (``python benchmarks/fused_crossover.py``, one thread,
+#: two runs: at 256 keys 0.51-0.88x the weights path's time for sparsemax and 1.5-entmax, 0.87-1.15x for
+#: 1.3-entmax, and far less memory); with fewer (e.g. 128 tokens) computing and storing the weights is
+#: about as fast or faster, and they are small ...
+FUSED_MIN_KEYS = 256
 #: ... or once the scores of a call would hold this many entries (1 GiB of float32), whatever the length.
 FUSED_MIN_SCORES = 2**28
 
