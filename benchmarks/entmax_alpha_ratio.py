@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from hf_eot.ops import entmax_attention, native_kernels_available
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _interleave import interleaved_seconds, ratio_summary  # noqa: E402
 
-def _seconds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, alpha: float) -> float:
-    """Wall seconds of one forward+backward of the fused map."""
-    start = time.perf_counter()
+
+def _forward_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, alpha: float
+) -> None:
+    """One forward+backward of the fused map."""
     entmax_attention(q, k, v, alpha=alpha).backward(grad)
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,28 +45,28 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     native = "built" if native_kernels_available() else "not available (torch path)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=2 H=8 d=64 float32, fwd+bwd; "
-          f"hf_eot native CPU kernels: {native}")
-    print(f"| n | alpha | median ms | {args.baseline} median ms | median of per-round ratios | min - max ratio |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=2 H=8 d=64 float32, fwd+bwd; "
+        f"hf_eot native CPU kernels: {native}"
+    )
+    print(
+        f"| n | alpha | median ms | {args.baseline} median ms | median of per-round ratios | min - max ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---|")
     for n in args.sizes:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(2, 8, n, 64, generator=gen).requires_grad_() for _ in range(3))
         grad = torch.randn(2, 8, n, 64, generator=gen)
-        alphas = [args.baseline, *args.alphas]
-        times: dict[float, list[float]] = {a: [] for a in alphas}
-        for round_ in range(args.repeats + 1):
-            for alpha in alphas:
-                elapsed = _seconds(q, k, v, grad, alpha)
-                if round_:
-                    times[alpha].append(elapsed)
+        calls = {
+            alpha: partial(_forward_backward, q, k, v, grad, alpha) for alpha in (args.baseline, *args.alphas)
+        }
+        times = interleaved_seconds(calls, args.repeats)
         base = times[args.baseline]
         for alpha in args.alphas:
-            ratios = [t / b for t, b in zip(times[alpha], base, strict=True)]
+            median, low, high = ratio_summary(times[alpha], base)
             print(
                 f"| {n} | {alpha:g} | {statistics.median(times[alpha]) * 1e3:.0f} | "
-                f"{statistics.median(base) * 1e3:.0f} | {statistics.median(ratios):.2f} | "
-                f"{min(ratios):.2f} - {max(ratios):.2f} |",
+                f"{statistics.median(base) * 1e3:.0f} | {median:.2f} | {low:.2f} - {high:.2f} |",
                 flush=True,
             )
 

@@ -14,24 +14,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _interleave import interleaved_seconds, ratio_summary  # noqa: E402
 from attention import candidates  # noqa: E402  (the rows of benchmarks/attention.py)
 
 
-def _seconds(attention, q, k, v, grad: torch.Tensor | None) -> float:
-    """Wall seconds of one forward (``grad`` None) or forward+backward call."""
-    start = time.perf_counter()
+def _call(attention, q, k, v, grad: torch.Tensor | None):
+    """One forward (``grad`` None) or forward+backward call of ``attention``, as a function of nothing."""
     if grad is None:
-        with torch.no_grad():
-            attention(q, k, v)
-    else:
-        attention(q, k, v).backward(grad)
-    return time.perf_counter() - start
+        return lambda: _forward(attention, q, k, v)
+    return lambda: attention(q, k, v).backward(grad)
+
+
+def _forward(attention, q, k, v) -> None:
+    with torch.no_grad():
+        attention(q, k, v)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,17 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(2, 8, n, 64, generator=gen).requires_grad_() for _ in range(3))
         for name, grad in (("fwd", None), ("fwd+bwd", torch.randn(2, n, 8, 64, generator=gen))):
-            times: dict[str, list[float]] = {label: [] for label in pair}
-            for round_ in range(args.repeats + 1):
-                for label, attention in pair.items():
-                    elapsed = _seconds(attention, q, k, v, grad)
-                    if round_:
-                        times[label].append(elapsed)
-            ratios = [a / b for a, b in zip(times[args.row], times[args.baseline], strict=True)]
+            calls = {label: _call(attention, q, k, v, grad) for label, attention in pair.items()}
+            times = interleaved_seconds(calls, args.repeats)
+            median, low, high = ratio_summary(times[args.row], times[args.baseline])
             print(
                 f"| {n} | {name} | {statistics.median(times[args.row]) * 1e3:.1f} | "
-                f"{statistics.median(times[args.baseline]) * 1e3:.1f} | {statistics.median(ratios):.3f} | "
-                f"{min(ratios):.3f} - {max(ratios):.3f} |",
+                f"{statistics.median(times[args.baseline]) * 1e3:.1f} | {median:.3f} | {low:.3f} - {high:.3f} |",
                 flush=True,
             )
 
