@@ -7,7 +7,7 @@ For sparsemax, 1.5-entmax and 1.3-entmax (Newton's threshold: hf_eot's native CP
 where it is built) at 128 to 1024 keys (the batch shrinking as the length grows, 12 heads, head
 dim 32, a quarter of the keys padded, attention dropout 0 and 0.1), one torch thread: the CPU time of a
 forward+backward of ``entmax_attention`` and of ``dropout(entmax_weights(scores)) @ value``, best of 5
-interleaved runs, and their ratio (below 1: the fused map is faster).  ``hf_eot.ops.sparse_attention``'s
+runs each, and their ratio (below 1: the fused map is faster).  ``hf_eot.ops.sparse_attention``'s
 ``FUSED_MIN_KEYS`` is set from it.
 
 ``csr``: at 1024 keys (batch 2, 8 heads, head dim 64, one torch thread), logits ``q k^T / sqrt(d)`` scaled
@@ -27,11 +27,24 @@ from hf_eot.ops import entmax_attention, entmax_weights, sparse_attention
 SHAPES = ((16, 12, 128, 32), (8, 12, 256, 32), (4, 12, 512, 32), (2, 12, 1024, 32))
 
 
-def _cpu_ms(fn, repeats: int = 5) -> float:
+def _weights_path(q, k, v, alpha, mask, p):
+    weights = entmax_weights((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, alpha, mask)
+    return torch.nn.functional.dropout(weights, p) @ v
+
+
+def _fused(q, k, v, alpha, mask, p):
+    return entmax_attention(q, k, v, alpha=alpha, mask=mask, dropout=p)
+
+
+def _scaled(q, k, v, alpha, scale):
+    return entmax_attention(q, k, v, alpha=alpha, scale=scale)
+
+
+def _cpu_ms(fn, args: tuple, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.process_time()
-        fn().sum().backward()
+        fn(*args).sum().backward()
         best = min(best, time.process_time() - start)
     return best * 1e3
 
@@ -47,14 +60,8 @@ def main() -> None:
         mask[..., n - n // 4 :] = False
         for alpha in (2.0, 1.5, 1.3):
             for p in (0.0, 0.1):
-                def weights_path():
-                    weights = entmax_weights((q @ k.transpose(-1, -2)) * dim**-0.5, alpha, mask)
-                    return torch.nn.functional.dropout(weights, p) @ v
-
-                def fused():
-                    return entmax_attention(q, k, v, alpha=alpha, mask=mask, dropout=p)
-
-                unfused_ms, fused_ms = _cpu_ms(weights_path), _cpu_ms(fused)
+                call = (q, k, v, alpha, mask, p)
+                unfused_ms, fused_ms = _cpu_ms(_weights_path, call), _cpu_ms(_fused, call)
                 print(f"| {batch} x {heads} x {n} | {alpha} | {p} | {unfused_ms:.0f} | {fused_ms:.0f} | "
                       f"{fused_ms / unfused_ms:.2f} |", flush=True)
 
@@ -71,9 +78,7 @@ def csr_crossover() -> None:
             ms = {}
             for name, fraction in (("csr", 1.0), ("dense", 0.0)):
                 sparse_attention.CSR_FRACTION = fraction
-                ms[name] = _cpu_ms(
-                    lambda a=alpha, s=scale: entmax_attention(q, k, v, alpha=a, scale=s * dim**-0.5)
-                )
+                ms[name] = _cpu_ms(_scaled, (q, k, v, alpha, scale * dim**-0.5))
             with torch.no_grad():
                 weights = entmax_weights((q @ k.transpose(-1, -2)) * (scale * dim**-0.5), alpha)
                 support = float((weights > 0).sum(dim=-1).float().mean()) / n

@@ -183,7 +183,7 @@ def main() -> None:
             )
             times = {}
             for name, fn in methods(args.unroll).items():
-                times[name] = best_time(lambda fn=fn: fwd_bwd(fn, q, k, v, g), (), args.repeats)
+                times[name] = best_time(fwd_bwd, (fn, q, k, v, g), args.repeats)
             print(f"{'method':<24}{'time s':>9}{'spread':>8}{'/sdpa':>8}{'/plain-10':>11}{'peak mem /BHn^2 floats':>24}")
             for name, (t, t_max) in times.items():
                 mem = "" if args.no_memory or std != args.stds[-1] else f"{peak_memory(name, n, std):.2f}"

@@ -39,6 +39,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import _common  # noqa: E402
 
+
 def now() -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process).  With one torch thread the CPU time of a step is the
     wall time it takes on an idle core, whatever else runs on the machine."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import _tiny as tiny
 import yaml
 from transformers import BertConfig
 
-import _tiny as tiny
 from hf_eot.model_card import ModelCardCallback, attention_layout, model_card
 
 

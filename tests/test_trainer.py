@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import _tiny as tiny
 import datasets
 import pytest
 import torch
@@ -19,7 +20,6 @@ from transformers import (
     ViTForImageClassification,
 )
 
-import _tiny as tiny
 import hf_eot
 
 # regularizer, params: one entry per regularizer (plus the learned / prior variants)

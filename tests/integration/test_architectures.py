@@ -4,11 +4,11 @@ Sinkhorn is refused wherever a call is causal or cross-attention."""
 
 from __future__ import annotations
 
+import _tiny as tiny
 import pytest
 import torch
 from torch import nn
 
-import _tiny as tiny
 import hf_eot
 from hf_eot.integration.modules import (
     attention_modules,

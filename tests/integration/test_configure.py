@@ -3,6 +3,7 @@ trips, learned attention parameters as ordinary model parameters."""
 
 from __future__ import annotations
 
+import _tiny as tiny
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,6 @@ from transformers import AutoConfig, AutoModel, BertModel
 import hf_eot
 from hf_eot.integration.modules import attention_modules, layer_index, module_part
 from hf_eot.integration.parameters import module_spec
-
-import _tiny as tiny
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import _tiny as tiny
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -11,8 +12,6 @@ from transformers.masking_utils import AttentionMaskInterface
 import hf_eot
 from hf_eot.integration.attention import eot_attention_forward, eot_mask
 from hf_eot.ops import sparse_attention
-
-import _tiny as tiny
 
 ATOL = 1e-5
 

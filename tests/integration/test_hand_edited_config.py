@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
+import _tiny as tiny
 import pytest
 import torch
 from transformers import BertModel, T5ForConditionalGeneration
 
 import hf_eot
-
-import _tiny as tiny
 
 
 def _edit(path, change) -> None:

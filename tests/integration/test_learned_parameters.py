@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import warnings
 
+import _tiny as tiny
 import pytest
 import torch
 
 import hf_eot
 from hf_eot.integration.modules import attention_modules
-
-import _tiny as tiny
 
 
 def _alphas(model) -> list[torch.Tensor]:

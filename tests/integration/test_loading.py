@@ -11,11 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import _tiny as tiny
 import pytest
 import torch
 from transformers import AutoModel
 
-import _tiny as tiny
 import hf_eot
 
 

@@ -3,12 +3,11 @@ batch gives, on its real tokens, what each sequence gives alone."""
 
 from __future__ import annotations
 
+import _tiny as tiny
 import pytest
 import torch
 
 import hf_eot
-
-import _tiny as tiny
 
 SETTINGS = {
     "softmax": {},

@@ -7,12 +7,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import _tiny as tiny
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
-import _tiny as tiny
 import hf_eot
 
 peft = pytest.importorskip("peft")

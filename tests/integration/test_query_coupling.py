@@ -3,14 +3,13 @@ pattern, and every causal call is refused, whether the module, the call or the m
 
 from __future__ import annotations
 
+import _tiny as tiny
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import hf_eot
 from hf_eot import attention_weights
-
-import _tiny as tiny
 
 SINKHORN = {"tol": 1e-6, "max_iters": 2000}
 

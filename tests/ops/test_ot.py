@@ -117,7 +117,7 @@ def test_gemm_path_matches_former_implementation_float32(monkeypatch: pytest.Mon
     ref = plain_reference(ins64[0], ins64[1], mask, 1.3, 2.0, ins64[2])
     assert calls[0] == 0
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
-    for got, want in zip(grads(out, ins32, 2), grads(ref, ins64, 2)):
+    for got, want in zip(grads(out, ins32, 2), grads(ref, ins64, 2), strict=True):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
@@ -139,7 +139,7 @@ def test_underflowing_rows_fall_back_to_the_exact_computation(
     assert (calls[0] > 0) == calls_expected
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    for got, want in zip(grads(out, ins, 4), grads(ref, ins64, 4)):
+    for got, want in zip(grads(out, ins, 4), grads(ref, ins64, 4), strict=True):
         torch.testing.assert_close(got.double(), want, atol=10 * tol, rtol=10 * tol)
 
 

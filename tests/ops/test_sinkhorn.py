@@ -438,7 +438,7 @@ def test_implicit_gradient_equals_unrolled_gradient_at_convergence(case: str) ->
         assert bool(res.converged.all())
         (res.weights * G).sum().backward()
         grads[grad] = (res.weights, s.grad, e.grad)
-    for got, ref in zip(grads["implicit"], grads["unroll"]):
+    for got, ref in zip(grads["implicit"], grads["unroll"], strict=True):
         torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
     if mask is not None:
         assert (grads["implicit"][1][~mask.expand_as(S)] == 0).all()
