@@ -26,6 +26,8 @@ except ImportError:  # pragma: no cover
 
 from _stats import format_ci, mean_ci  # noqa: E402
 
+from hf_eot.config import split_spec_string  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The folder of the packaged demonstration checkpoints (``--save-dir`` of the documented commands).
 CHECKPOINTS_DIR = REPO_ROOT / "hf_eot" / "data" / "checkpoints"
@@ -36,30 +38,10 @@ def checkpoint_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     return Path(root if root is not None else CHECKPOINTS_DIR) / name
 
 
-def parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """'entmax:alpha=1.5,learn_alpha=true' -> ("entmax", {"alpha": 1.5, "learn_alpha": True})."""
-    name, _, rest = text.partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad regularizer parameter {item!r} in {text!r}: expected key=value")
-        params[key.strip()] = parse_value(value.strip())
-    return name.strip(), params
+    """'entmax:alpha=1.5,learn_alpha=true' -> ("entmax", {"alpha": 1.5, "learn_alpha": True}) (hf_eot's
+    spec-string syntax, :func:`hf_eot.config.split_spec_string`)."""
+    return split_spec_string(text)
 
 
 def spec_label(text: str) -> str:
@@ -277,12 +259,38 @@ def last_checkpoint(args, output_dir) -> str | None:
     return get_last_checkpoint(str(output_dir))
 
 
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load a Trainer checkpoint's weights into ``model`` as ``from_pretrained`` reads them, or raise.
+
+    Transformers 5 saves models whose modules were renamed (ViT among them) under their original key
+    names, and only ``from_pretrained`` converts them back: ``Trainer(resume_from_checkpoint=...)`` loads
+    the file with ``load_state_dict(strict=False)``, so a resumed ViT kept its random encoder layers
+    with a logged warning (transformers issue #43701).  Here every key must match: a missing, unexpected
+    or mismatched one raises."""
+    config = model.config
+    try:
+        reloaded, info = type(model).from_pretrained(
+            checkpoint, config=config, attn_implementation=config._attn_implementation, output_loading_info=True
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        raise RuntimeError(f"checkpoint {str(checkpoint)!r} does not match the model: {e}") from e
+    bad = {kind: keys for kind, keys in info.items() if kind != "error_msgs" and keys}
+    if bad or info.get("error_msgs"):
+        raise RuntimeError(f"checkpoint {str(checkpoint)!r} does not match the model: {bad or info['error_msgs']}")
+    model.load_state_dict(reloaded.state_dict(), strict=True)
+
+
 def train(trainer, args):
     """``trainer.train()``, continued from the run's last checkpoint with ``--resume`` (see
     :func:`last_checkpoint`): ``(TrainOutput, seconds this process trained, the step it resumed from or
     None)``.  A resumed run restores the model, optimizer, scheduler, RNG states and the data order; the
     collators' own random draws (e.g. OT-ViT's template partners) restart from their seed."""
     checkpoint = last_checkpoint(args, trainer.args.output_dir)
+    if checkpoint is not None:
+        load_checkpoint_weights(trainer.model, checkpoint)
+        # Trainer's own load would then overwrite the keys it can match with the same values and warn
+        # about the ones it cannot (see load_checkpoint_weights): skip it.
+        trainer._load_from_checkpoint = lambda *args, **kwargs: None
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
     resumed = None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[-1])

@@ -260,3 +260,45 @@ def test_end_processes_closes_the_process_group_and_is_a_no_op_without_one(tmp_p
     assert dist.is_initialized()
     _common.end_processes()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("kind", "regularizer", "params"),
+    [
+        ("vit", "ot", {"layers": 1}),  # ViT's saved keys are its original names, converted on load
+        ("t5", "sinkhorn", {"part": "encoder", "n_iters": 3}),
+        ("bert", "entmax", {"learn_alpha": True}),  # learned attention parameters come back too
+    ],
+)
+def test_checkpoint_weights_load_as_from_pretrained_reads_them(tmp_path, kind, regularizer, params):
+    """load_checkpoint_weights (the examples' --resume) restores every weight of a saved model, learned
+    attention parameters included, into a model with other weights: Trainer's own resume left a ViT's
+    encoder layers random."""
+    import _tiny as tiny
+
+    import hf_eot
+
+    def build(seed):
+        return tiny.model(kind, seed=seed, configure=lambda c: hf_eot.configure(c, regularizer, **params))
+
+    saved = build(0)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.01)  # trained away from any seed's initialization
+    saved.save_pretrained(tmp_path / "checkpoint-3")
+    resumed = build(1)
+    _common.load_checkpoint_weights(resumed, tmp_path / "checkpoint-3")
+    want, got = saved.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("other", [{"intermediate_size": 48}, {"num_hidden_layers": 1}])
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, other):
+    """A checkpoint whose weights do not fit the model (another width: mismatched shapes; fewer layers:
+    missing keys) raises instead of loading what matches."""
+    import _tiny as tiny
+
+    tiny.model("bert", **other).save_pretrained(tmp_path / "checkpoint-1")
+    with pytest.raises(RuntimeError, match="does not match the model"):
+        _common.load_checkpoint_weights(tiny.model("bert"), tmp_path / "checkpoint-1")
