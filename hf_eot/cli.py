@@ -224,14 +224,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
     from .analysis.inputs import builtin_sentences, packaged_model_path, read_texts, resolve_model
-    from .compare import as_records, compare_regularizers, format_table
+    from .compare import (
+        DEFAULT_SETTINGS,
+        as_records,
+        compare_regularizers,
+        format_table,
+        settings_from_strings,
+    )
 
+    settings = settings_from_strings(args.regularizers) if args.regularizers else DEFAULT_SETTINGS
     label, model = resolve_model(args.model) if args.model else (PACKAGED_MODEL, packaged_model_path())
     texts = read_texts(args.texts) if args.texts else builtin_sentences()
     texts = texts[: args.max_examples]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = compare_regularizers(str(model), texts, progress=not args.quiet, desc=label)
+    rows = compare_regularizers(str(model), texts, settings, progress=not args.quiet, desc=label)
     print(f"{label}: {len(texts)} texts, {torch.get_num_threads()} thread(s)")
     print(format_table(rows))
     if args.json:
@@ -359,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="UTF-8 text file, one example per line (default: the built-in sentences)",
     )
     c.add_argument("--max-examples", type=positive_int, default=32)
+    c.add_argument(
+        "--regularizers",
+        nargs="+",
+        metavar="SPEC",
+        help="the settings to run, as name[:key=value,...] (e.g. sparsemax entmax:alpha=1.3 "
+        "sinkhorn:n_iters=20); default: eight settings, softmax to OT",
+    )
     c.add_argument("--json", type=output_file, help="also write the rows to this JSON file")
     c.add_argument(
         "--threads", type=nonnegative_int, default=1, help="torch threads (default 1; 0 = torch's default)"

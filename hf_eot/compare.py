@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .config import AttentionSpec
 from .integration.configure import configure
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "as_records",
     "compare_regularizers",
     "format_table",
+    "settings_from_strings",
 ]
 
 
@@ -45,6 +47,19 @@ DEFAULT_SETTINGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("sinkhorn", "sinkhorn", {}),
     ("ot", "ot", {}),
 )
+
+
+def settings_from_strings(specs: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``["sparsemax", "sinkhorn:n_iters=20"]`` -> settings labelled by their spec strings, each validated
+    (:meth:`hf_eot.config.AttentionSpec.from_string`) before any model is loaded."""
+    settings = []
+    for text in specs:
+        try:
+            spec = AttentionSpec.from_string(text)
+        except ValueError as e:
+            raise ComparisonError(f"bad regularizer spec {text!r}: {e}") from e
+        settings.append((text, spec.regularizer, dict(spec.params)))
+    return settings
 
 
 @dataclass

@@ -28,7 +28,15 @@ import torch
 
 from .regularizers import get_regularizer, validate_params
 
-__all__ = ["CONFIG_KEY", "PARTS", "AttentionSpec", "EOTAttentionConfig", "Override", "as_layers"]
+__all__ = [
+    "CONFIG_KEY",
+    "PARTS",
+    "AttentionSpec",
+    "EOTAttentionConfig",
+    "Override",
+    "as_layers",
+    "split_spec_string",
+]
 
 CONFIG_KEY = "eot_attention"
 SCHEMA_VERSION = 1
@@ -60,6 +68,40 @@ def as_layers(value: Any, name: str = "layers") -> tuple[int, ...] | None:
     if bad or not items:
         raise ValueError(f"invalid {name}={items!r}: expected a non-empty list of ints >= 0")
     return tuple(int(i) for i in items)
+
+
+def _spec_value(text: str) -> Any:
+    """A parameter value of a spec string: None, a bool, an int, a float, else the text itself."""
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_spec_string(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name[:key=value,...]"`` -> ``(name, {key: value})``, unvalidated.
+
+    ``"entmax:alpha=1.5,learn_alpha=true"`` -> ``("entmax", {"alpha": 1.5, "learn_alpha": True})``.
+    Values read as None (``none``/``null``), bools, ints, floats, else strings.  The command-line form
+    of a spec; :meth:`AttentionSpec.from_string` also validates it.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a spec string must be a str like 'entmax:alpha=1.5', got {text!r}")
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad regularizer parameter {item!r} in {text!r}: expected key=value")
+        params[key.strip()] = _spec_value(value.strip())
+    return name.strip(), params
 
 
 @dataclass(frozen=True)
@@ -100,6 +142,13 @@ class AttentionSpec:
                         )
                     data[param.name] = data.pop(alias)
         return cls(name, data)
+
+    @classmethod
+    def from_string(cls, text: str) -> AttentionSpec:
+        """Parse and validate ``"name[:key=value,...]"`` (:func:`split_spec_string`), e.g.
+        ``"sinkhorn:n_iters=20"``; an unknown name or parameter raises ValueError naming the choices."""
+        name, params = split_spec_string(text)
+        return cls.from_dict({"regularizer": name, **params})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_eot.config import AttentionSpec, EOTAttentionConfig, Override, as_layers
+from hf_eot.config import AttentionSpec, EOTAttentionConfig, Override, as_layers, split_spec_string
 
 
 def test_round_trip_is_lossless() -> None:
@@ -64,6 +64,38 @@ def test_legacy_n_iter_is_read_as_max_iters() -> None:
     assert config.default.params["max_iters"] == 7 and "n_iter" not in config.default.params
     with pytest.raises(ValueError, match="sets both 'max_iters' and its legacy name 'n_iter'"):
         AttentionSpec.from_dict({"regularizer": "entmax", "n_iter": 7, "max_iters": 8})
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "params"),
+    [
+        ("softmax", "softmax", {}),
+        ("entmax:alpha=1.5,learn_alpha=true", "entmax", {"alpha": 1.5, "learn_alpha": True}),
+        ("sinkhorn:n_iters=20, tol=1e-6", "sinkhorn", {"n_iters": 20, "tol": 1e-6}),
+        ("softmax:prior=alibi,epsilon=2", "softmax", {"prior": "alibi", "epsilon": 2}),
+        ("softmax:prior=none", "softmax", {"prior": None}),
+    ],
+)
+def test_spec_strings_parse_to_typed_params(text, name, params) -> None:
+    """The command-line form name[:key=value,...] reads ints, floats, bools, None and strings."""
+    assert split_spec_string(text) == (name, params)
+    assert AttentionSpec.from_string(text) == AttentionSpec(name, params)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("entmax:alpha", r"bad regularizer parameter 'alpha' .* expected key=value"),
+        ("entmax:=1.5", "expected key=value"),
+        ("softmaxx", "softmaxx"),
+        ("entmax:alpah=1.5", "alpah"),
+        ("entmax:alpha=high", "alpha"),
+    ],
+)
+def test_bad_spec_strings_name_the_problem(text, message) -> None:
+    """A malformed item, an unknown regularizer or parameter, or a bad value raises a ValueError naming it."""
+    with pytest.raises(ValueError, match=message):
+        AttentionSpec.from_string(text)
 
 
 def test_committed_checkpoint_configs_load() -> None:
