@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 
 from _stats import format_ci, mean_ci  # noqa: E402
 
-from hf_eot.config import split_spec_string  # noqa: E402
+from hf_eot.config import CONFIG_KEY, split_spec_string  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The folder of the packaged demonstration checkpoints (``--save-dir`` of the documented commands).
@@ -263,20 +263,36 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | os.PathLik
     """Load a Trainer checkpoint's weights into ``model`` as ``from_pretrained`` reads them, or raise.
 
     Transformers 5 saves models whose modules were renamed (ViT among them) under their original key
-    names, and only ``from_pretrained`` converts them back: ``Trainer(resume_from_checkpoint=...)`` loads
-    the file with ``load_state_dict(strict=False)``, so a resumed ViT kept its random encoder layers
-    with a logged warning (transformers issue #43701).  Here every key must match: a missing, unexpected
-    or mismatched one raises."""
+    names, and only ``from_pretrained`` converts them back: ``Trainer.train(resume_from_checkpoint=...)``
+    loads the file with ``load_state_dict(strict=False)``, so a resumed ViT kept its random encoder
+    layers with a logged warning (transformers issue #43701).  Here every key must match (a missing,
+    unexpected or mismatched one raises), the weights keep the model's dtype, and the checkpoint's
+    attention config (``eot_attention``) must be the model's: a run resumed from another run's folder
+    fails instead of continuing with the wrong weights."""
+    folder = Path(checkpoint)
+    config_file = folder / "config.json"
+    if not config_file.is_file() or not (any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))):
+        raise RuntimeError(f"checkpoint {str(folder)!r} has no config.json and weights (an interrupted save?)")
+    saved = json.loads(config_file.read_text(encoding="utf-8")).get(CONFIG_KEY)
+    current = json.loads(json.dumps(model.config.to_dict().get(CONFIG_KEY)))  # as saved: lists, not tuples
+    if saved != current:
+        raise RuntimeError(
+            f"checkpoint {str(folder)!r} was saved with {CONFIG_KEY}={saved!r}, but the model has {current!r}"
+        )
     config = model.config
     try:
         reloaded, info = type(model).from_pretrained(
-            checkpoint, config=config, attn_implementation=config._attn_implementation, output_loading_info=True
+            folder,
+            config=config,
+            attn_implementation=config._attn_implementation,
+            dtype=next(model.parameters()).dtype,
+            output_loading_info=True,
         )
     except (OSError, RuntimeError, ValueError) as e:
-        raise RuntimeError(f"checkpoint {str(checkpoint)!r} does not match the model: {e}") from e
+        raise RuntimeError(f"checkpoint {str(folder)!r} does not match the model: {e}") from e
     bad = {kind: keys for kind, keys in info.items() if kind != "error_msgs" and keys}
     if bad or info.get("error_msgs"):
-        raise RuntimeError(f"checkpoint {str(checkpoint)!r} does not match the model: {bad or info['error_msgs']}")
+        raise RuntimeError(f"checkpoint {str(folder)!r} does not match the model: {bad or info['error_msgs']}")
     model.load_state_dict(reloaded.state_dict(), strict=True)
 
 

@@ -97,10 +97,13 @@ def split_spec_string(text: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = text.partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, (i.strip() for i in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key:
             raise ValueError(f"bad regularizer parameter {item!r} in {text!r}: expected key=value")
-        params[key.strip()] = _spec_value(value.strip())
+        if key in params or key == "regularizer":
+            what = "sets it twice" if key in params else "names the regularizer before the ':'"
+            raise ValueError(f"bad regularizer parameter {key!r} in {text!r}: the spec {what}")
+        params[key] = _spec_value(value)
     return name.strip(), params
 
 

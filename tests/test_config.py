@@ -90,6 +90,8 @@ def test_spec_strings_parse_to_typed_params(text, name, params) -> None:
         ("softmaxx", "softmaxx"),
         ("entmax:alpah=1.5", "alpah"),
         ("entmax:alpha=high", "alpha"),
+        ("entmax:alpha=1.5,alpha=2", "'alpha' .* sets it twice"),
+        ("entmax:regularizer=sparsemax", "names the regularizer before the ':'"),
     ],
 )
 def test_bad_spec_strings_name_the_problem(text, message) -> None:

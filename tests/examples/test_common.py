@@ -302,3 +302,81 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, other):
     tiny.model("bert", **other).save_pretrained(tmp_path / "checkpoint-1")
     with pytest.raises(RuntimeError, match="does not match the model"):
         _common.load_checkpoint_weights(tiny.model("bert"), tmp_path / "checkpoint-1")
+
+
+def test_a_checkpoint_saved_with_another_attention_config_is_refused(tmp_path):
+    """Resuming from a folder written by a run with another regularizer (a wrong --output-dir) raises,
+    naming both configs, although every weight would fit."""
+    import _tiny as tiny
+
+    import hf_eot
+
+    tiny.model("bert", configure=lambda c: hf_eot.configure(c, "sinkhorn")).save_pretrained(tmp_path / "checkpoint-1")
+    model = tiny.model("bert", configure=lambda c: hf_eot.configure(c, "sparsemax"))
+    with pytest.raises(RuntimeError, match="was saved with eot_attention=.*sinkhorn.*sparsemax"):
+        _common.load_checkpoint_weights(model, tmp_path / "checkpoint-1")
+
+
+def test_a_checkpoint_without_weights_is_refused(tmp_path):
+    """A checkpoint folder whose save was interrupted (a config, no weights file) says so."""
+    import _tiny as tiny
+
+    tiny.model("bert").config.save_pretrained(tmp_path / "checkpoint-1")
+    (tmp_path / "checkpoint-1" / "training_args.bin").write_bytes(b"")  # Trainer writes it too
+    with pytest.raises(RuntimeError, match="no config.json and weights"):
+        _common.load_checkpoint_weights(tiny.model("bert"), tmp_path / "checkpoint-1")
+
+
+def test_checkpoint_weights_keep_the_models_dtype(tmp_path):
+    """The weights load in the model's dtype, whatever the config says (a stale config.dtype)."""
+    import _tiny as tiny
+
+    saved = tiny.model("bert", dtype=torch.float64)
+    saved.config.dtype = torch.bfloat16
+    saved.save_pretrained(tmp_path / "checkpoint-1")
+    resumed = tiny.model("bert", seed=1, dtype=torch.float64)
+    _common.load_checkpoint_weights(resumed, tmp_path / "checkpoint-1")
+    want, got = saved.state_dict(), resumed.state_dict()
+    assert all(got[k].dtype == torch.float64 and torch.equal(want[k], got[k]) for k in want)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pixels = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(i))
+        return {"pixel_values": pixels, "labels": torch.tensor(i % 3)}
+
+
+def _train_vit(output_dir: Path, resume: bool) -> dict[str, torch.Tensor]:
+    """4 Trainer steps of a tiny OT-ViT, a checkpoint after each; with ``resume``, from the last one."""
+    import _tiny as tiny
+    from transformers import Trainer, TrainingArguments
+
+    import hf_eot
+
+    torch.manual_seed(0)
+    model = tiny.model("vit", configure=lambda c: hf_eot.configure(c, "ot", layers=1)).train()
+    targs = TrainingArguments(
+        str(output_dir), max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=1,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=targs, train_dataset=_Pixels())
+    _common.train(trainer, argparse.Namespace(resume=resume))
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_a_run_resumed_mid_way_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """An OT-ViT trained 4 steps, and the same run stopped after step 2 and resumed from its checkpoint
+    through the examples' train(), end with identical weights (Trainer's own resume does not: it leaves
+    the encoder layers at their initial values, transformers issue #43701)."""
+    import shutil
+
+    uninterrupted = _train_vit(tmp_path / "full", resume=False)
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    resumed = _train_vit(tmp_path / "cut", resume=True)
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
