@@ -7,9 +7,9 @@ process's floating-point state is left alone: see :data:`_COMPILE_FLAGS`), and u
 eager mode.  If no compiler is found or the build fails, hf_eot warns once and
 keeps its pure-torch path (same values to round-off, slower).  ``HF_EOT_NATIVE=0`` turns them off.
 
-Kernels: general-alpha entmax rows by Newton's method, as supports (:func:`entmax_rows`, for
-:mod:`hf_eot.ops.sparse_attention`) or dense rows (:func:`entmax_dense_rows`, for
-:func:`hf_eot.ops.entmax_newton_weights`).
+Kernels: entmax rows, as supports (:func:`entmax_rows`, for :mod:`hf_eot.ops.sparse_attention`: Newton's
+method for general alpha, exact for sparsemax and 1.5-entmax) or dense rows by Newton's method
+(:func:`entmax_dense_rows`, for :func:`hf_eot.ops.entmax_newton_weights`).
 """
 
 from __future__ import annotations
@@ -153,11 +153,11 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 def entmax_support_applies(logits: Tensor, alpha: float) -> bool:
     """Whether :func:`entmax_rows` takes these logits: CPU, float32 / float64, eager mode, ``1 < alpha
-    < 2`` (Newton's convex case), keys indexable by int32, and the kernels built."""
+    <= 2`` (Newton's convex case, and the exact maps), keys indexable by int32, and the kernels built."""
     return (
         logits.device.type == "cpu"
         and logits.dtype in _SUFFIX
-        and 1.0 < alpha < 2.0
+        and 1.0 < alpha <= 2.0
         and logits.shape[-1] < 2**31
         and not torch.compiler.is_compiling()
         and native_kernels_available()
@@ -198,18 +198,28 @@ def _function(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
 
 
 def entmax_rows(
-    logits: Tensor, row_max: Tensor, row_valid: Tensor | None, alpha: float, max_iters: int
+    logits: Tensor,
+    row_max: Tensor,
+    row_valid: Tensor | None,
+    alpha: float,
+    max_iters: int,
+    scratch: EntmaxRows | None = None,
 ) -> EntmaxRows:
-    """alpha-entmax (``1 < alpha < 2``) of every row of ``logits`` ``(R, n)`` (masked keys at -inf) by
-    Newton's method on the threshold over the row's candidates ``(alpha - 1)(L_j - m) > -1``, at most
-    ``max_iters`` steps.  ``row_max`` ``(R,)`` must be finite on the rows solved: those in ``row_valid``
-    ``(R,)`` bool (all without it); the others get no entries.  Requires :func:`entmax_support_applies`."""
+    """alpha-entmax (``1 < alpha <= 2``) of every row of ``logits`` ``(R, n)`` (masked keys at -inf) over
+    the row's candidates ``(alpha - 1)(L_j - m) > -1``: by Newton's method on the threshold, at most
+    ``max_iters`` steps, or exactly for sparsemax (``alpha = 2``) and 1.5-entmax (the closed form on the
+    final support, as their sort-based thresholds; weights without a normaliser).  ``row_max`` ``(R,)`` must be finite on the rows solved: those in ``row_valid``
+    ``(R,)`` bool (all without it); the others get no entries.  ``scratch``: the result of an earlier call
+    on logits of the same shape and dtype whose ``values`` and ``keys`` may be overwritten (a blocked
+    caller's previous block: fresh ``(R, n)`` buffers of every block would be paged in again, each time
+    a block's supports are packed and the buffers freed).  Requires :func:`entmax_support_applies`."""
     n_rows, n_keys = logits.shape
     logits, row_max = logits.contiguous(), row_max.to(logits.dtype).contiguous()
     valid = None if row_valid is None else row_valid.to(torch.uint8).contiguous()
+    reuse = scratch is not None and scratch.values.shape == logits.shape and scratch.values.dtype == logits.dtype
     rows = EntmaxRows(
-        values=torch.empty_like(logits),
-        keys=torch.empty((n_rows, n_keys), dtype=torch.int32),
+        values=scratch.values if reuse else torch.empty_like(logits),
+        keys=scratch.keys if reuse else torch.empty((n_rows, n_keys), dtype=torch.int32),
         counts=torch.empty(n_rows, dtype=torch.int64),
         tau=logits.new_empty(n_rows),
     )

@@ -6,11 +6,12 @@ Every alpha-entmax row is ``p_j = [(alpha - 1) (L_j - m) - tau]_+^{1/(alpha-1)} 
 Niculae & Martins 2019, eq. (10)) with ``m`` the row maximum, ``tau`` the threshold and ``Z`` 1 for the
 exact maps (alpha = 2, 1.5) or the sum before renormalisation (Newton's threshold, other alpha).
 
-Per block of queries the scores come from one matrix product.  On CPU, Newton's alphas (``1 < alpha < 2``
-other than 1.5) solve each row in one pass of a native kernel (:func:`hf_eot.ops._native.entmax_rows`:
-the row's candidates ``X_j > -1`` compacted, Newton's iteration on them, the support written out), over
-all its keys; blocks whose supports exceed :data:`_TOP_K_FRACTION` of their entries take the dense mode
-with its thresholds.  Elsewhere (the exact maps, other devices, no compiler, ``HF_EOT_NATIVE=0``) each
+Per block of queries the scores come from one matrix product.  On CPU, every ``1 < alpha <= 2`` solves
+each row in one pass of a native kernel (:func:`hf_eot.ops._native.entmax_rows`: the row's candidates
+``X_j > -1`` compacted, the threshold found on them, the support written out), over all its keys:
+Newton's iteration for general alpha, the exact closed form on the final support for sparsemax and
+1.5-entmax; blocks whose supports exceed :data:`_TOP_K_FRACTION` of their entries take the dense mode
+with its thresholds.  Elsewhere (other devices, no compiler, ``HF_EOT_NATIVE=0``) each
 block finds its thresholds from the
 ``k`` largest entries of each row (``torch.topk``, ``k`` a little above the previous block's largest
 support, or its 90% quantile for Newton's threshold, whose supports are wider; for the first block, that
@@ -309,26 +310,28 @@ def _top_support(
         k *= 2
 
 
-def _native_newton(logits: Tensor, alpha: float) -> bool:
+def _native_rows(logits: Tensor, alpha: float) -> bool:
     """Whether the block's rows are solved by the native kernel (:func:`hf_eot.ops._native.entmax_rows`:
-    Newton's threshold, ``1 < alpha < 2`` other than 1.5, on CPU) rather than by :func:`_top_support`."""
-    return not _sort_based(alpha) and _native.entmax_support_applies(logits, alpha)
+    ``1 < alpha <= 2`` on CPU) rather than by :func:`_top_support`."""
+    return _native.entmax_support_applies(logits, alpha)
 
 
 def _native_support(
-    logits: Tensor, alpha: float, max_iters: int, row_valid: Tensor | None
+    logits: Tensor, alpha: float, max_iters: int, row_valid: Tensor | None, scratch: list[_native.EntmaxRows]
 ) -> tuple[_Support | None, Tensor | None]:
     """The rows of ``logits`` ``(R, n)`` (masked keys at -inf) solved by the native kernel, each over all its
-    keys (Newton's method on its candidates ``(alpha - 1)(L_j - m) > -1``): ``(support, None)``, or
+    keys (on its candidates ``(alpha - 1)(L_j - m) > -1``): ``(support, None)``, or
     ``(None, tau)`` ``(R,)`` if the supports hold more than :data:`_TOP_K_FRACTION` of the entries (the
     block takes the dense mode with these thresholds, as the torch path does past its top-k limit), or
     ``(None, None)`` if a row to solve has no finite maximum (a row of -inf logits without a mask, or NaN:
-    the torch path gives NaN, as the weights path does)."""
+    the torch path gives NaN, as the weights path does).  ``scratch`` holds the previous block's rows, whose
+    buffers this block reuses (and then its own)."""
     row_max = logits.amax(dim=-1)
     solvable = torch.isfinite(row_max) if row_valid is None else torch.isfinite(row_max) | ~row_valid
     if not bool(solvable.all()):
         return None, None
-    rows = _native.entmax_rows(logits, row_max, row_valid, alpha, max_iters)
+    rows = _native.entmax_rows(logits, row_max, row_valid, alpha, max_iters, scratch[0] if scratch else None)
+    scratch[:] = [rows]
     if int(rows.counts.sum()) > _TOP_K_FRACTION * logits.numel():
         return None, rows.tau
     weights, key, row = rows.packed()
@@ -537,7 +540,8 @@ class EntmaxAttentionFunction(torch.autograd.Function):
         csr_device = value.device.type in _CSR_DEVICES
         value_c: Tensor | None = None  # the values as a (B H K, d_v) matrix of the compute dtype, once needed
         eager = not torch.compiler.is_compiling()  # else every block is dense (no host-synchronised top k)
-        native = eager and _native_newton(buffer, alpha)  # rows solved by the native kernel
+        native = eager and _native_rows(buffer, alpha)  # rows solved by the native kernel
+        scratch: list[_native.EntmaxRows] = []  # the native kernel's buffers, reused from block to block
         top_k = eager and not native  # supports from each row's top k, sized from the previous block's
         for start in range(0, n_queries, block):
             rows = slice(start, min(start + block, n_queries))
@@ -549,7 +553,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             top, tau = None, None  # tau: the rows' thresholds, if already known
             valid = None if row_valid is None else row_valid.view(-1).bool()
             if native:
-                top, tau = _native_support(logits.view(-1, n_keys), alpha, max_iters, valid)
+                top, tau = _native_support(logits.view(-1, n_keys), alpha, max_iters, valid, scratch)
             elif top_k:
                 if support is None:
                     support = _sampled_support(logits.view(-1, n_keys), alpha, max_iters, mask_b is not None)

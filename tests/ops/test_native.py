@@ -1,5 +1,5 @@
-"""Tests for hf_eot.ops._native: the native CPU kernel of general-alpha entmax rows must equal the torch
-weights (``entmax_weights``) row by row, and its build must fall back to the torch path, with a warning,
+"""Tests for hf_eot.ops._native: the native CPU kernel of entmax rows (Newton's alphas, and the exact
+sparsemax and 1.5-entmax) must equal the torch weights (``entmax_weights``) row by row, and its build must fall back to the torch path, with a warning,
 where it cannot be made."""
 
 from __future__ import annotations
@@ -104,6 +104,78 @@ def test_property_rows_are_entmax(
     torch.testing.assert_close(dense, entmax_weights(logits, alpha, mask), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("alpha", [2.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_rows_equal_the_sort_based_weights(alpha: float, dtype: torch.dtype) -> None:
+    """Sparsemax and 1.5-entmax rows (the closed form on the final support, no sort) equal
+    ``entmax_weights``' sort-based rows to round-off, with a padding mask and a fully masked row; their
+    sizes are the supports' (float64), and their thresholds give the weights without a normaliser:
+    ``p = [(alpha - 1)(L - m) - tau]_+^(1/(alpha - 1))``."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(64, 300, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    mask = torch.rand(64, 300, generator=gen) > 0.25
+    mask[7] = False
+    dense, rows, keys, row = _solved(logits, alpha, mask)
+    ref = entmax_weights(logits, alpha, mask)
+    atol = 1e-13 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(dense, ref, atol=atol, rtol=0)
+    assert torch.equal(rows.counts, (ref > 0).sum(dim=-1)) or dtype == torch.float32
+    assert rows.counts[7] == 0 and rows.tau[7] == -1
+    same_row = row[1:] == row[:-1]
+    assert torch.all(keys[1:][same_row] > keys[:-1][same_row]), "keys ascending within each row"
+    valid = mask.any(-1)
+    shifted = (alpha - 1) * (logits - logits.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True))
+    from_tau = (shifted - rows.tau[:, None]).clamp(min=0) ** (1 / (alpha - 1)) * mask
+    torch.testing.assert_close(from_tau[valid], ref[valid], atol=atol, rtol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    alpha=st.sampled_from([2.0, 1.5]),
+    n_keys=st.integers(1, 200),
+    scale=st.sampled_from([0.0, 1e-3, 0.25, 1.0, 30.0, 1e4]),
+    integer=st.booleans(),
+    p_masked=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_property_exact_rows_are_the_sort_based_maps(
+    alpha: float, n_keys: int, scale: float, integer: bool, p_masked: float, seed: int
+) -> None:
+    """For any row length, scale (constant rows to +-1e4), mask, and integer logits (ties, also at the
+    threshold), float64 sparsemax and 1.5-entmax rows are distributions equal to ``entmax_weights``."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, n_keys, generator=gen, dtype=torch.float64)
+    if integer:
+        logits = (logits * 2).round()
+    logits = logits * scale
+    mask = torch.rand(6, n_keys, generator=gen) >= p_masked
+    dense, *_ = _solved(logits, alpha, mask)
+    valid = mask.any(-1)
+    assert torch.all(dense >= 0) and torch.all(dense[~mask] == 0)
+    torch.testing.assert_close(dense.sum(-1)[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+    torch.testing.assert_close(dense, entmax_weights(logits, alpha, mask), atol=1e-12, rtol=0)
+
+
+def test_scratch_buffers_are_reused_only_where_they_fit() -> None:
+    """A call given the previous call's rows writes into their value and key buffers (same shape and
+    dtype) and gives the same rows as a fresh call; buffers of another shape are not used."""
+    gen = torch.Generator().manual_seed(9)
+    first, second = (torch.randn(32, 200, generator=gen) * 4 for _ in range(2))
+
+    def solve(x, scratch=None):
+        return _native.entmax_rows(x, x.amax(-1), None, 1.5, 50, scratch)
+
+    previous = solve(first)
+    reused = solve(second, scratch=previous)
+    assert reused.values.data_ptr() == previous.values.data_ptr()
+    assert reused.keys.data_ptr() == previous.keys.data_ptr()
+    fresh = solve(second)
+    assert torch.equal(reused.counts, fresh.counts) and torch.equal(reused.tau, fresh.tau)
+    assert all(torch.equal(a, b) for a, b in zip(reused.packed(), fresh.packed(), strict=True))
+    shorter = solve(second[:16], scratch=fresh)
+    assert shorter.values.data_ptr() != fresh.values.data_ptr()
+
+
 def test_max_iters_bounds_the_steps() -> None:
     """With no Newton step the threshold stays at its start (-1) and every candidate is in the support."""
     logits = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -113,12 +185,12 @@ def test_max_iters_bounds_the_steps() -> None:
 
 
 def test_applies_only_where_it_can() -> None:
-    """The kernel takes CPU float32 / float64 logits for 1 < alpha < 2; half dtypes and other alphas not."""
+    """The kernel takes CPU float32 / float64 logits for 1 < alpha <= 2; half dtypes and other alphas not."""
     x = torch.zeros(2, 8)
-    assert _native.entmax_support_applies(x, 1.3)
-    assert _native.entmax_support_applies(x.double(), 1.7)
+    assert _native.entmax_support_applies(x, 1.3) and _native.entmax_support_applies(x, 2.0)
+    assert _native.entmax_support_applies(x.double(), 1.5)
     assert not _native.entmax_support_applies(x.half(), 1.3)
-    assert not _native.entmax_support_applies(x, 2.0) and not _native.entmax_support_applies(x, 2.5)
+    assert not _native.entmax_support_applies(x, 1.0) and not _native.entmax_support_applies(x, 2.5)
 
 
 def test_builds_once_and_caches(fresh_build) -> None:

@@ -12,16 +12,17 @@ from hf_eot.ops import _native, entmax_attention, entmax_weights, sparse_attenti
 from hf_eot.ops.sparse_attention import _SupportBlock
 
 ALPHAS = [2.0, 1.5, 1.3, 1.7]
-#: Each alpha with the paths that solve its rows: Newton's alphas by the native kernel on CPU, or by the
-#: torch top-k path (devices without it, no compiler, HF_EOT_NATIVE=0); the exact maps by the torch path.
-ALPHA_PATHS = [(2.0, "torch"), (1.5, "torch"), (1.3, "native"), (1.3, "torch"), (1.7, "native"), (1.7, "torch")]
+#: Each alpha with the paths that solve its rows: the native kernel on CPU (Newton's iteration, or the exact
+#: closed form for sparsemax and 1.5-entmax), or the torch top-k path (devices without it, no compiler,
+#: HF_EOT_NATIVE=0).
+ALPHA_PATHS = [(a, path) for a in (2.0, 1.5, 1.3, 1.7) for path in ("native", "torch")]
 
 
 def _use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Newton's alphas through the native kernel (which must be built: it is wherever a C++ compiler is)
-    or through the torch top-k path."""
+    """The rows solved by the native kernel (which must be built: it is wherever a C++ compiler is) or by
+    the torch top-k path."""
     if path == "torch":
-        monkeypatch.setattr(sparse_attention, "_native_newton", lambda logits, alpha: False)
+        monkeypatch.setattr(sparse_attention, "_native_rows", lambda logits, alpha: False)
     elif _native._compiler() is None:
         pytest.skip("no C++ compiler on this machine: the native kernel cannot be built")
     else:
@@ -101,7 +102,11 @@ def test_values_and_gradients_match_the_unfused_map(
 @pytest.mark.parametrize("csr", [True, False])
 @pytest.mark.parametrize(
     ("alpha", "path", "peak", "medium"),
-    [(2.0, "torch", 12.0, 0.15), (1.5, "torch", 12.0, 2.0), (1.3, "torch", 30.0, 20.0), (1.3, "native", 30.0, 20.0)],
+    [
+        (alpha, path, peak, medium)
+        for alpha, peak, medium in ((2.0, 12.0, 0.15), (1.5, 12.0, 2.0), (1.3, 30.0, 20.0))
+        for path in ("torch", "native")
+    ],
 )
 def test_the_block_modes_in_one_call(
     alpha: float, path: str, peak: float, medium: float, csr: bool, monkeypatch: pytest.MonkeyPatch
@@ -130,7 +135,7 @@ def test_the_block_modes_in_one_call(
     _assert_gradients_match(out, ref, (q, k, v, prior), atol=1e-11)
 
 
-@pytest.mark.parametrize(("alpha", "path"), [(2.0, "torch"), (1.5, "torch"), (1.4, "torch"), (1.4, "native")])
+@pytest.mark.parametrize(("alpha", "path"), [(a, path) for a in (2.0, 1.5, 1.4) for path in ("torch", "native")])
 @pytest.mark.parametrize("spread", [0.5, 8.0])
 def test_gradcheck(alpha: float, path: str, spread: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finite differences (float64, gradcheck's fast mode: random directions) agree with the analytic
@@ -302,7 +307,7 @@ def test_a_fully_masked_query_block_in_the_sparse_mode() -> None:
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-12)
 
 
-@pytest.mark.parametrize(("alpha", "path"), [(2.0, "torch"), (1.3, "torch"), (1.3, "native")])
+@pytest.mark.parametrize(("alpha", "path"), [(a, path) for a in (2.0, 1.5, 1.3) for path in ("torch", "native")])
 @pytest.mark.parametrize("infinite", ["-inf row", "+inf key"])
 def test_a_row_of_minus_inf_logits_without_a_mask_is_nan_as_in_the_weights_path(
     alpha: float, path: str, infinite: str, monkeypatch: pytest.MonkeyPatch

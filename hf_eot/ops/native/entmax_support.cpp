@@ -1,5 +1,6 @@
 // alpha-entmax rows (1 < alpha < 2) by Newton's method on the threshold, one row per task: their supports
 // (hf_eot_entmax_support_*, for the fused attention) or dense rows (hf_eot_entmax_dense_*, for the weights).
+// The supports of sparsemax (alpha = 2) and 1.5-entmax are exact instead (solve_row_exact, below).
 //
 // Built and loaded by hf_eot/ops/_native.py (plain C ABI, no torch headers: it compiles in about a second).
 // For a row of logits L (masked keys at -inf) with maximum m, X_j = (alpha - 1)(L_j - m) <= 0 and
@@ -125,6 +126,101 @@ int64_t solve_row(const T* __restrict logits, int64_t n, T row_max, T scale, T a
   return drop_at_or_below(values, keys, c, T(0));
 }
 
+// Keeps the entries x > tau (in order; tau in double, so that no entry above it is lost to rounding tau to T),
+// returning their number.
+template <typename T>
+int64_t keep_above(T* __restrict values, int32_t* __restrict keys, int64_t c, double tau) {
+  int64_t kept = 0;
+  for (int64_t j = 0; j < c; ++j) {  // branchless, as drop_at_or_below
+    const T x = values[j];
+    values[kept] = x;
+    keys[kept] = keys[j];
+    kept += static_cast<double>(x) > tau;
+  }
+  return kept;
+}
+
+// The exact maps' threshold over the candidates S = x[0, c), all above tau: closed = tau + u with d = x - tau,
+//   sparsemax (p = [x - tau]_+):   sum_S (d - u) = 1,    u = (sum d - 1) / |S|;
+//   1.5-entmax (p = [x - tau]_+^2): sum_S (d - u)^2 = 1, u = (sum d - sqrt((sum d)^2 - |S| (sum d^2 - 1))) / |S|
+// (the smaller root); false if there is none.  Also gives sum d, sum d^2 and min x.  (No NaN or infinity
+// here: the file is compiled with -ffast-math.)
+template <typename T, bool Squared>
+bool closed_form(const T* __restrict x, int64_t c, double tau, double& closed, double& s1_out, double& s2_out,
+                 T& min_out) {
+  double s1 = 0, s2 = 0;
+  T mn = std::numeric_limits<T>::max();
+#pragma omp simd reduction(+ : s1, s2) reduction(min : mn)
+  for (int64_t j = 0; j < c; ++j) {
+    const double d = static_cast<double>(x[j]) - tau;
+    s1 += d;
+    s2 += d * d;
+    mn = std::min(mn, x[j]);
+  }
+  s1_out = s1;
+  s2_out = s2;
+  min_out = mn;
+  const double size = static_cast<double>(c);
+  if (!Squared) {
+    closed = tau + (s1 - 1.0) / size;
+    return true;
+  }
+  const double disc = s1 * s1 - size * (s2 - 1.0);
+  closed = disc >= 0 ? tau + (s1 - std::sqrt(disc)) / size : tau;
+  return disc >= 0;
+}
+
+// One row of sparsemax (Squared = false; x = L - m) or 1.5-entmax (Squared = true; x = (L - m) / 2), exactly:
+// the threshold is the closed form over the final support, as the sort-based torch path computes it
+// (Martins & Astudillo 2016, eq. (6); Peters, Niculae & Martins 2019, Algorithm 2), without a sort.  On the
+// candidates x > -1 (tau >= -1), from tau = -1: if the closed form over the entries kept lies at or below
+// their minimum, it is the root (sum_j p_j = 1 on them, 0 on those dropped, which lie at or below tau).
+// Otherwise tau moves right, staying left of the root, and the entries at or below it are dropped:
+//   sparsemax: to the closed form (Michelot 1986: the unclipped sum is <= the clipped one, so the closed
+//     form over a superset of the support is left of the root; it drops at least the minimum entry);
+//   1.5-entmax: by Newton's step on f(tau) = sum_j [x_j - tau]_+^2 - 1, convex and decreasing (a tangent
+//     step from the left stays left).
+// The weights are [x - tau]_+ or its square, without a normaliser (they sum to 1 by the closed form).
+// Newton's iterates converge quadratically; after kExactMaxSteps (or a step below round-off: an entry
+// within round-off of the root) the last closed form is taken after dropping the entries at or below it.
+constexpr int kExactMaxSteps = 100;
+
+template <typename T, bool Squared>
+int64_t solve_row_exact(const T* __restrict logits, int64_t n, T row_max, T scale, T* __restrict values,
+                        int32_t* __restrict keys, T& tau_out) {
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branchless, as drop_at_or_below
+    const T x = (logits[j] - row_max) * scale;
+    values[c] = x;
+    keys[c] = static_cast<int32_t>(j);
+    c += x > T(-1);
+  }
+  double tau = -1.0, closed, s1, s2;
+  T mn;
+  for (int step = 0;; ++step) {
+    const bool root = closed_form<T, Squared>(values, c, tau, closed, s1, s2, mn);
+    if (root && closed <= static_cast<double>(mn)) {
+      tau = closed;
+      break;
+    }
+    const double next = Squared ? tau + (s2 - 1.0) / (2.0 * s1) : closed;
+    if (Squared && (step >= kExactMaxSteps || next - tau <= 4 * std::numeric_limits<double>::epsilon())) {
+      if (root) c = keep_above(values, keys, c, closed);
+      closed_form<T, Squared>(values, c, tau, closed, s1, s2, mn);
+      tau = closed;
+      break;
+    }
+    tau = next;
+    c = keep_above(values, keys, c, tau);
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    const double d = static_cast<double>(values[j]) - tau;
+    values[j] = static_cast<T>(Squared ? d * d : d);
+  }
+  tau_out = static_cast<T>(tau);
+  return drop_at_or_below(values, keys, c, T(0));
+}
+
 template <typename T>
 void solve_rows(const T* logits, int64_t R, int64_t n, const T* row_max, const uint8_t* row_valid, double alpha,
                 int64_t max_iters, T* values, int32_t* keys, int64_t* counts, T* tau, int threads) {
@@ -136,7 +232,16 @@ void solve_rows(const T* logits, int64_t R, int64_t n, const T* row_max, const u
       tau[i] = T(-1);
       continue;
     }
-    counts[i] = solve_row(logits + i * n, n, row_max[i], am1, am1, max_iters, values + i * n, keys + i * n, tau[i]);
+    const T* row = logits + i * n;
+    T* v = values + i * n;
+    int32_t* k = keys + i * n;
+    if (alpha == 2.0) {
+      counts[i] = solve_row_exact<T, false>(row, n, row_max[i], T(1), v, k, tau[i]);
+    } else if (alpha == 1.5) {
+      counts[i] = solve_row_exact<T, true>(row, n, row_max[i], T(0.5), v, k, tau[i]);
+    } else {
+      counts[i] = solve_row(row, n, row_max[i], am1, am1, max_iters, v, k, tau[i]);
+    }
   }
 }
 
