@@ -86,6 +86,21 @@ int64_t drop_at_or_below(T* __restrict values, int32_t* __restrict keys, int64_t
   return kept;
 }
 
+// Compacts a row's candidates X_j = (logits_j - row_max) * scale > -1 (the threshold is >= -1) in order:
+// values into `values`, keys into `keys`; returns their number.
+template <typename T>
+int64_t compact_candidates(const T* __restrict logits, int64_t n, T row_max, T scale, T* __restrict values,
+                           int32_t* __restrict keys) {
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branchless, as drop_at_or_below
+    const T x = (logits[j] - row_max) * scale;
+    values[c] = x;
+    keys[c] = static_cast<int32_t>(j);
+    c += x > T(-1);
+  }
+  return c;
+}
+
 // One row: compacts its candidates X_j = (logits_j - row_max) * scale > -1 (values into `values`, keys into
 // `keys`), solves for tau with alpha - 1 = am1, and leaves the support's weights and keys at the front of
 // `values` and `keys`; returns the support's size.  (scale = am1 for raw logits; 1 for rows already shifted
@@ -96,13 +111,7 @@ int64_t solve_row(const T* __restrict logits, int64_t n, T row_max, T scale, T a
   const T r = T(1) / am1, rm1 = r - T(1);
   const T min_log = T(0.9) * std::log(Consts<T>::tiny);
   const T tol = std::pow(Consts<T>::eps, T(2) / T(3));
-  int64_t c = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branchless, as drop_at_or_below
-    const T x = (logits[j] - row_max) * scale;
-    values[c] = x;
-    keys[c] = static_cast<int32_t>(j);
-    c += x > T(-1);
-  }
+  int64_t c = compact_candidates(logits, n, row_max, scale, values, keys);
   T tau = T(-1), lo = T(-1), hi = std::max(-std::pow(T(c), -am1), lo);
   for (int64_t it = 0; it < max_iters; ++it) {
     T S, Q;
@@ -188,13 +197,7 @@ constexpr int kExactMaxSteps = 100;
 template <typename T, bool Squared>
 int64_t solve_row_exact(const T* __restrict logits, int64_t n, T row_max, T scale, T* __restrict values,
                         int32_t* __restrict keys, T& tau_out) {
-  int64_t c = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branchless, as drop_at_or_below
-    const T x = (logits[j] - row_max) * scale;
-    values[c] = x;
-    keys[c] = static_cast<int32_t>(j);
-    c += x > T(-1);
-  }
+  int64_t c = compact_candidates(logits, n, row_max, scale, values, keys);
   double tau = -1.0, closed, s1, s2;
   T mn;
   for (int step = 0;; ++step) {
