@@ -128,7 +128,7 @@ def _shifted_scaled_rows(logits: Tensor, am1: Tensor | float, mask: Tensor | Non
     else:
         X = torch.where(mask, x, float("-inf"))
         m = X.amax(dim=-1, keepdim=True)
-        row_valid = torch.isfinite(m)
+        row_valid = m != float("-inf")  # a NaN row stays valid: NaN, as without a mask
         X.sub_(torch.where(row_valid, m, torch.zeros_like(m)))
         X = torch.where(row_valid, X, 0.0)
     return X.mul_(am1).clamp_(min=-1.0), row_valid

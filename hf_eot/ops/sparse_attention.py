@@ -114,13 +114,15 @@ class _SupportBlock:
 
 @dataclass
 class _DenseBlock:
-    """A block's row statistics ``(B, H, q, 1)``: maximum, threshold, normaliser (and its dropout seed)."""
+    """A block's row statistics ``(B, H, q, 1)``: maximum, threshold, normaliser (and its dropout seed, and
+    its rows masked for having no finite logit: :func:`_dead_rows`)."""
 
     rows: slice
     row_max: Tensor
     tau: Tensor
     total: Tensor | None
     seed: int
+    dead: Tensor | None = None
 
 
 def _block_logits(
@@ -142,9 +144,10 @@ def _block_logits(
 
 def _row_max(logits: Tensor, masked: bool) -> Tensor:
     """Row maximum ``(..., q, 1)`` of logits whose masked keys are already -inf; with a mask, 0 for a fully
-    masked row (without one, a row of -inf logits keeps -inf and gives NaN, as the weights path does)."""
+    masked row (without one, a row of -inf logits keeps -inf and gives NaN, as the weights path does; a
+    NaN row keeps NaN either way)."""
     m = logits.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)) if masked else m
+    return m.masked_fill(m == float("-inf"), 0.0) if masked else m
 
 
 def _floor(alpha: float) -> float:
@@ -547,8 +550,12 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             rows = slice(start, min(start + block, n_queries))
             mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)
             logits = _block_logits(query[..., rows, :], key_t, prior_b, cdtype, buffer)  # (B, H, q, K)
+            dead = None
             if mask_b is not None:
                 logits.masked_fill_(~mask_b, float("-inf"))
+                dead = _dead_rows(logits, mask_b)
+                if dead is not None:
+                    mask_b = mask_b & ~dead
             row_valid = _row_valid(mask_b, cdtype)
             top, tau = None, None  # tau: the rows' thresholds, if already known
             valid = None if row_valid is None else row_valid.view(-1).bool()
@@ -588,7 +595,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
                 if dropout > 0.0:
                     P.mul_(_seeded_keep(P, dropout, seed + start))
                 out[..., rows, :] = P.to(value.dtype) @ value
-                blocks.append(_DenseBlock(rows, row_max, tau, total, seed + start))
+                blocks.append(_DenseBlock(rows, row_max, tau, total, seed + start, dead))
         ctx.save_for_backward(query, key, value, mask, log_prior)  # query: scaled
         ctx.blocks = blocks
         ctx.settings = (scale, epsilon, alpha, dropout)
@@ -760,6 +767,8 @@ def _dense_backward(
     dropout: float,
 ) -> None:
     """Accumulates the gradients of a dense block: its scores and ``P`` recomputed as in the forward."""
+    if blk.dead is not None:
+        mask_b = mask_b & ~blk.dead
     logits = _block_logits(q_b, bw.key_t, prior_b, bw.cdtype, bw.buffer)
     X = _shifted(logits, mask_b, blk.row_max, bw.alpha)
     P, t, _ = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype), bw.alpha)  # (B, H, q, K)
@@ -805,6 +814,14 @@ def _rows(tensor: Tensor | None, rows: slice) -> Tensor | None:
     if tensor is None or tensor.shape[-2] == 1:
         return tensor
     return tensor[..., rows, :]
+
+
+def _dead_rows(logits: Tensor, mask: Tensor) -> Tensor | None:
+    """The rows ``(B, H, q, 1)`` that the mask allows some key but whose allowed logits are all -inf (a
+    log-prior of -inf on each of them), None if there are none: they are masked rows, as in
+    ``entmax_weights`` (zeros).  ``logits``: the masked keys already at -inf; a NaN row is not dead."""
+    dead = (logits.amax(dim=-1, keepdim=True) == float("-inf")) & mask.any(dim=-1, keepdim=True)
+    return dead if bool(dead.any()) else None
 
 
 def _row_valid(mask: Tensor | None, cdtype: torch.dtype) -> Tensor | None:

@@ -58,10 +58,10 @@ def _shifted_rows(logits: Tensor, mask: Tensor | None, scale: float) -> tuple[Te
     else:
         X = torch.where(mask, logits.to(cdtype), float("-inf"))  # fresh buffer
         m = X.amax(dim=-1, keepdim=True)
-        finite = torch.isfinite(m)
-        m = torch.where(finite, m, torch.zeros_like(m))
+        allowed = m != float("-inf")  # a NaN row stays valid: NaN, as without a mask
+        m = torch.where(allowed, m, torch.zeros_like(m))
         X.sub_(m)
-        row_valid = finite.to(cdtype).reshape(-1, 1)
+        row_valid = allowed.to(cdtype).reshape(-1, 1)
     if scale != 1.0:
         X.mul_(scale)
     X.clamp_(min=-2.0)

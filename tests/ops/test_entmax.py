@@ -354,3 +354,23 @@ def test_nonnegative_power_matches_pow(alpha: float) -> None:
             assert (zeros == 0).all()
     assert not any(_exp_log_pays(e, t) for e in (0.5, 1.0, 2.0, 3.0))
     assert not _exp_log_pays(torch.tensor(2.5), t)  # a per-row alpha: torch.pow
+
+
+@pytest.mark.parametrize("alpha", [1.3, 1.5, 2.0, "per head"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_nan_row_stays_nan_with_or_without_a_mask(alpha, masked: bool) -> None:
+    """A row holding a NaN logit on an allowed key gives NaN weights, with or without a mask (Newton's
+    alphas used to give a masked NaN row zeros, as if it were fully masked); a NaN on a masked key is
+    ignored, and the other rows are unchanged."""
+    logits = torch.randn(3, 2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits[0, 1, 2] = float("nan")
+    logits[1, 0, 5] = float("nan")
+    mask = torch.ones(3, 2, 6, dtype=torch.bool)
+    mask[1, 0, 5] = False
+    a = torch.tensor([[[1.3]], [[1.6]], [[1.9]]], dtype=torch.float64) if alpha == "per head" else alpha
+    weights = entmax_weights(logits, a, mask if masked else None)
+    assert torch.isnan(weights[0, 1]).all()
+    assert torch.isnan(weights[1, 0]).all() != masked  # the masked NaN is ignored
+    finite = entmax_weights(logits.nan_to_num(0.0), a, mask if masked else None)
+    torch.testing.assert_close(weights[2], finite[2])
+    torch.testing.assert_close(weights[0, 0], finite[0, 0])

@@ -463,3 +463,45 @@ def test_no_rows_to_attend_give_an_empty_differentiable_output(shape: tuple[int,
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
     with pytest.raises(ValueError, match="at least one key"):
         entmax_attention(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 3))
+
+
+@pytest.mark.parametrize(("alpha", "path"), ALPHA_PATHS)
+@pytest.mark.parametrize("mode", ["support", "dense"])
+def test_a_row_whose_allowed_keys_all_have_minus_inf_prior_is_a_masked_row(
+    alpha: float, path: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query whose allowed keys all have log-prior -inf (no finite logit left) gives zeros and zero
+    gradients, as ``entmax_weights`` does for it: never weights on its masked keys (the block's dense
+    mode used to spread it uniformly over every key, masked ones included)."""
+    _use_path(path, monkeypatch)
+    if mode == "dense":
+        monkeypatch.setattr(sparse_attention, "_TOP_K_FRACTION", 0.0)
+    q, k, v = _inputs(1, 2, 48, 320, 4, spread=2.0, seed=12)
+    mask = torch.ones(1, 1, 48, 320, dtype=torch.bool)
+    mask[..., 256:] = False
+    prior = torch.zeros(1, 2, 48, 320, dtype=torch.float64)
+    prior[0, 1, 9, :256] = float("-inf")  # query 9 of head 1: every allowed key forbidden by the prior
+    out = entmax_attention(q, k, v, alpha=alpha, mask=mask, log_prior=prior, block_elements=2 * 320 * 16)
+    ref = _reference(q, k, v, alpha, mask=mask, log_prior=prior)
+    assert torch.all(ref[0, 1, 9] == 0)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
+
+
+@pytest.mark.parametrize(("alpha", "path"), ALPHA_PATHS)
+def test_a_nan_query_under_a_mask_gives_nan_as_in_the_weights_path(
+    alpha: float, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query with a NaN coordinate, in a masked call: its row is NaN, as the unfused map gives (the
+    torch path used to give it zeros, as if fully masked), and the other rows are unchanged."""
+    _use_path(path, monkeypatch)
+    q, k, v = _inputs(1, 2, 48, 320, 4, spread=2.0, seed=13)
+    with torch.no_grad():
+        q[0, 1, 20, 0] = float("nan")
+    mask = torch.rand(1, 1, 48, 320, generator=torch.Generator().manual_seed(2)) > 0.3
+    out = entmax_attention(q, k, v, alpha=alpha, mask=mask, block_elements=2 * 320 * 16)
+    ref = _reference(q, k, v, alpha, mask=mask)
+    assert torch.isnan(ref[0, 1, 20]).all() and torch.isnan(out[0, 1, 20]).all()
+    finite = torch.ones(48, dtype=torch.bool)
+    finite[20] = False
+    torch.testing.assert_close(out[0, :, finite], ref[0, :, finite], atol=1e-12, rtol=0)
