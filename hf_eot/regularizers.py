@@ -301,7 +301,7 @@ def _entmax_attention(
 ) -> torch.Tensor | None:
     """Fused alpha-entmax attention (sparsemax at alpha = 2) for a number alpha in (1, 2] where it pays;
     None for short rows, a tensor (learned) alpha, whose gradient needs the weights, and alpha > 2."""
-    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0 or not ops.fused_pays(query, key):
+    if isinstance(alpha, torch.Tensor) or not 1.0 < alpha <= 2.0 or not ops.fused_pays(query, key, alpha):
         return None
     return ops.entmax_attention(
         query, key, value, alpha=float(alpha), mask=mask, log_prior=log_prior, scale=scale, epsilon=epsilon,

@@ -62,6 +62,10 @@ __all__ = ["DEFAULT_BLOCK_ELEMENTS", "entmax_attention", "fused_pays"]
 #: 1.3-entmax, and far less memory); with fewer (e.g. 128 tokens) computing and storing the weights is
 #: about as fast or faster, and they are small ...
 FUSED_MIN_KEYS = 256
+#: ... from this many for sparsemax and 1.5-entmax where the native kernel solves their rows (CPU, eager):
+#: at 128 keys there the fused map takes 0.45-0.64x the weights path's time (the same benchmark, one run;
+#: 1.3-entmax 1.14-1.23x, so Newton's alphas keep :data:`FUSED_MIN_KEYS`) ...
+FUSED_MIN_KEYS_EXACT_NATIVE = 128
 #: ... or once the scores of a call would hold this many entries (1 GiB of float32), whatever the length.
 FUSED_MIN_SCORES = 2**28
 
@@ -177,8 +181,8 @@ def _power(t: Tensor, alpha: float) -> Tensor:
 
 
 def _sort_based(alpha: float) -> bool:
-    """Whether alpha's threshold comes from a sort (sparsemax, 1.5-entmax: exact, no normaliser) rather than
-    from Newton's iteration."""
+    """Whether alpha is an exact map (sparsemax, 1.5-entmax: a closed-form threshold, no normaliser; the
+    torch path finds its support by a sort) rather than one of Newton's iteration."""
     return alpha in (1.5, 2.0)
 
 
@@ -838,11 +842,16 @@ def _add_rows(d_prior: Tensor, rows: slice, dL: Tensor) -> None:
         target += sum_to_shape(dL, target.shape)
 
 
-def fused_pays(query: Tensor, key: Tensor) -> bool:
+def fused_pays(query: Tensor, key: Tensor, alpha: float | None = None) -> bool:
     """Whether :func:`entmax_attention` beats computing the weights first for these shapes: long rows
-    (at least :data:`FUSED_MIN_KEYS` keys), or scores too large to store comfortably."""
+    (at least :data:`FUSED_MIN_KEYS` keys; :data:`FUSED_MIN_KEYS_EXACT_NATIVE` for sparsemax and
+    1.5-entmax on CPU with the native kernel), or scores too large to store comfortably."""
     n_keys = key.shape[-2]
-    return n_keys >= FUSED_MIN_KEYS or query.shape[:-1].numel() * n_keys >= FUSED_MIN_SCORES
+    min_keys = FUSED_MIN_KEYS
+    if _sort_based(alpha) and query.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _native.native_kernels_available():
+            min_keys = min(min_keys, FUSED_MIN_KEYS_EXACT_NATIVE)
+    return n_keys >= min_keys or query.shape[:-1].numel() * n_keys >= FUSED_MIN_SCORES
 
 
 def _broadcasts(tensor: Tensor, shape: tuple[int, ...]) -> bool:

@@ -505,3 +505,22 @@ def test_a_nan_query_under_a_mask_gives_nan_as_in_the_weights_path(
     finite = torch.ones(48, dtype=torch.bool)
     finite[20] = False
     torch.testing.assert_close(out[0, :, finite], ref[0, :, finite], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_fused_map_starts_at_128_keys_for_the_exact_maps_on_the_native_kernel(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fused_pays: sparsemax and 1.5-entmax take the fused map from FUSED_MIN_KEYS_EXACT_NATIVE keys on CPU
+    with the native kernel, from FUSED_MIN_KEYS without it (HF_EOT_NATIVE=0) and for Newton's alphas."""
+    if native:
+        _use_path("native", monkeypatch)
+    else:
+        monkeypatch.setenv("HF_EOT_NATIVE", "0")
+    q = torch.zeros(1, 2, 8, 4)
+    short, medium = torch.zeros(1, 2, 127, 4), torch.zeros(1, 2, 128, 4)
+    for alpha in (2.0, 1.5):
+        assert not sparse_attention.fused_pays(q, short, alpha)
+        assert sparse_attention.fused_pays(q, medium, alpha) == native
+    assert not sparse_attention.fused_pays(q, medium, 1.3) and not sparse_attention.fused_pays(q, medium)
+    assert sparse_attention.fused_pays(q, torch.zeros(1, 2, 256, 4), 1.3)
