@@ -558,9 +558,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             if mask_b is not None:
                 logits.masked_fill_(~mask_b, float("-inf"))
                 dead = _dead_rows(logits, mask_b)
-                if dead is not None:
-                    mask_b = mask_b & ~dead
-            row_valid = _row_valid(mask_b, cdtype)
+            row_valid = _row_valid(mask_b, cdtype, dead)
             top, tau = None, None  # tau: the rows' thresholds, if already known
             valid = None if row_valid is None else row_valid.view(-1).bool()
             if native:
@@ -771,11 +769,9 @@ def _dense_backward(
     dropout: float,
 ) -> None:
     """Accumulates the gradients of a dense block: its scores and ``P`` recomputed as in the forward."""
-    if blk.dead is not None:
-        mask_b = mask_b & ~blk.dead
     logits = _block_logits(q_b, bw.key_t, prior_b, bw.cdtype, bw.buffer)
     X = _shifted(logits, mask_b, blk.row_max, bw.alpha)
-    P, t, _ = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype), bw.alpha)  # (B, H, q, K)
+    P, t, _ = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype, blk.dead), bw.alpha)  # (B, H, q, K)
     keep = _seeded_keep(P, dropout, blk.seed) if dropout > 0.0 else None
     if bw.d_value_t is not None:
         dropped = P if keep is None else P * keep
@@ -822,15 +818,22 @@ def _rows(tensor: Tensor | None, rows: slice) -> Tensor | None:
 
 def _dead_rows(logits: Tensor, mask: Tensor) -> Tensor | None:
     """The rows ``(B, H, q, 1)`` that the mask allows some key but whose allowed logits are all -inf (a
-    log-prior of -inf on each of them), None if there are none: they are masked rows, as in
-    ``entmax_weights`` (zeros).  ``logits``: the masked keys already at -inf; a NaN row is not dead."""
+    log-prior of -inf on each of them): masked rows, as in ``entmax_weights`` (zeros).  ``logits``: the
+    masked keys already at -inf; a NaN row is not dead.  None if there are none (a host synchronisation;
+    under torch.compile the indicator is always returned)."""
     dead = (logits.amax(dim=-1, keepdim=True) == float("-inf")) & mask.any(dim=-1, keepdim=True)
-    return dead if bool(dead.any()) else None
+    if torch.compiler.is_compiling() or bool(dead.any()):
+        return dead
+    return None
 
 
-def _row_valid(mask: Tensor | None, cdtype: torch.dtype) -> Tensor | None:
-    """``(..., q, 1)`` indicator of rows with an allowed key (None without mask)."""
-    return None if mask is None else mask.any(dim=-1, keepdim=True).to(cdtype)
+def _row_valid(mask: Tensor | None, cdtype: torch.dtype, dead: Tensor | None = None) -> Tensor | None:
+    """``(..., q, 1)`` indicator of rows with an allowed key (None without mask), less the ``dead`` rows
+    (:func:`_dead_rows`)."""
+    if mask is None:
+        return None
+    valid = mask.any(dim=-1, keepdim=True)
+    return (valid if dead is None else valid & ~dead).to(cdtype)
 
 
 def _add_rows(d_prior: Tensor, rows: slice, dL: Tensor) -> None:
@@ -847,11 +850,15 @@ def fused_pays(query: Tensor, key: Tensor, alpha: float | None = None) -> bool:
     (at least :data:`FUSED_MIN_KEYS` keys; :data:`FUSED_MIN_KEYS_EXACT_NATIVE` for sparsemax and
     1.5-entmax on CPU with the native kernel), or scores too large to store comfortably."""
     n_keys = key.shape[-2]
-    min_keys = FUSED_MIN_KEYS
-    if _sort_based(alpha) and query.device.type == "cpu" and not torch.compiler.is_compiling():
-        if _native.native_kernels_available():
-            min_keys = min(min_keys, FUSED_MIN_KEYS_EXACT_NATIVE)
-    return n_keys >= min_keys or query.shape[:-1].numel() * n_keys >= FUSED_MIN_SCORES
+    if n_keys >= FUSED_MIN_KEYS or query.shape[:-1].numel() * n_keys >= FUSED_MIN_SCORES:
+        return True
+    return (
+        n_keys >= FUSED_MIN_KEYS_EXACT_NATIVE  # first: shorter rows never build the kernel
+        and _sort_based(alpha)
+        and query.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and _native.native_kernels_available()
+    )
 
 
 def _broadcasts(tensor: Tensor, shape: tuple[int, ...]) -> bool:

@@ -418,6 +418,10 @@ def test_compiles_to_the_eager_values_and_gradients(alpha: float) -> None:
     out, ref = compiled(q, k, v), attend(q, k, v)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     _assert_gradients_match(out, ref, (q, k, v), atol=1e-11)
+    assert _block_kinds(out) == {"dense"}, "compiled: every block dense"
+    with torch.no_grad():
+        explained = torch._dynamo.explain(attend)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.parametrize(("alpha", "rows"), [(1.5, "peaked"), (1.3, "peaked"), (1.3, "one flat in sixteen")])
