@@ -271,13 +271,15 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | os.PathLik
     fails instead of continuing with the wrong weights."""
     folder = Path(checkpoint)
     config_file = folder / "config.json"
-    if not config_file.is_file() or not (any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))):
+    weights = [*folder.glob("model*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    if not config_file.is_file() or not weights:
         raise RuntimeError(f"checkpoint {str(folder)!r} has no config.json and weights (an interrupted save?)")
     saved = json.loads(config_file.read_text(encoding="utf-8")).get(CONFIG_KEY)
     current = json.loads(json.dumps(model.config.to_dict().get(CONFIG_KEY)))  # as saved: lists, not tuples
     if saved != current:
         raise RuntimeError(
-            f"checkpoint {str(folder)!r} was saved with {CONFIG_KEY}={saved!r}, but the model has {current!r}"
+            f"checkpoint {str(folder)!r} was saved with {CONFIG_KEY}={saved!r}, "
+            f"but the model has {current!r}"
         )
     config = model.config
     try:
@@ -292,7 +294,8 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: str | os.PathLik
         raise RuntimeError(f"checkpoint {str(folder)!r} does not match the model: {e}") from e
     bad = {kind: keys for kind, keys in info.items() if kind != "error_msgs" and keys}
     if bad or info.get("error_msgs"):
-        raise RuntimeError(f"checkpoint {str(folder)!r} does not match the model: {bad or info['error_msgs']}")
+        problems = bad or info["error_msgs"]
+        raise RuntimeError(f"checkpoint {str(folder)!r} does not match the model: {problems}")
     model.load_state_dict(reloaded.state_dict(), strict=True)
 
 

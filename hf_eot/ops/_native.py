@@ -208,15 +208,16 @@ def entmax_rows(
     """alpha-entmax (``1 < alpha <= 2``) of every row of ``logits`` ``(R, n)`` (masked keys at -inf) over
     the row's candidates ``(alpha - 1)(L_j - m) > -1``: by Newton's method on the threshold, at most
     ``max_iters`` steps, or exactly for sparsemax (``alpha = 2``) and 1.5-entmax (the closed form on the
-    final support, as their sort-based thresholds; weights without a normaliser).  ``row_max`` ``(R,)`` must be finite on the rows solved: those in ``row_valid``
-    ``(R,)`` bool (all without it); the others get no entries.  ``scratch``: the result of an earlier call
+    final support, as their sort-based thresholds; weights without a normaliser).  ``row_max`` ``(R,)``
+    must be finite on the rows solved: those in ``row_valid`` ``(R,)`` bool (all without it); the others
+    get no entries.  ``scratch``: the result of an earlier call
     on logits of the same shape and dtype whose ``values`` and ``keys`` may be overwritten (a blocked
     caller's previous block: fresh ``(R, n)`` buffers of every block would be paged in again, each time
     a block's supports are packed and the buffers freed).  Requires :func:`entmax_support_applies`."""
     n_rows, n_keys = logits.shape
     logits, row_max = logits.contiguous(), row_max.to(logits.dtype).contiguous()
     valid = None if row_valid is None else row_valid.to(torch.uint8).contiguous()
-    reuse = scratch is not None and scratch.values.shape == logits.shape and scratch.values.dtype == logits.dtype
+    reuse = scratch is not None and (scratch.values.shape, scratch.values.dtype) == (logits.shape, logits.dtype)
     rows = EntmaxRows(
         values=scratch.values if reuse else torch.empty_like(logits),
         keys=scratch.keys if reuse else torch.empty((n_rows, n_keys), dtype=torch.int32),

@@ -771,7 +771,8 @@ def _dense_backward(
     """Accumulates the gradients of a dense block: its scores and ``P`` recomputed as in the forward."""
     logits = _block_logits(q_b, bw.key_t, prior_b, bw.cdtype, bw.buffer)
     X = _shifted(logits, mask_b, blk.row_max, bw.alpha)
-    P, t, _ = _dense_weights(X, blk.tau, blk.total, _row_valid(mask_b, bw.cdtype, blk.dead), bw.alpha)  # (B, H, q, K)
+    row_valid = _row_valid(mask_b, bw.cdtype, blk.dead)
+    P, t, _ = _dense_weights(X, blk.tau, blk.total, row_valid, bw.alpha)  # (B, H, q, K)
     keep = _seeded_keep(P, dropout, blk.seed) if dropout > 0.0 else None
     if bw.d_value_t is not None:
         dropped = P if keep is None else P * keep

@@ -181,11 +181,12 @@ bool closed_form(const T* __restrict x, int64_t c, double tau, double& closed, d
 
 // One row of sparsemax (Squared = false; x = L - m) or 1.5-entmax (Squared = true; x = (L - m) / 2), exactly:
 // the threshold is the closed form over the final support, as the sort-based torch path computes it
-// (Martins & Astudillo 2016, eq. (6); Peters, Niculae & Martins 2019, Algorithm 2), without a sort.  On the
+// (Martins & Astudillo 2016, Algorithm 1; Peters, Niculae & Martins 2019, Algorithm 2), without a sort.  On the
 // candidates x > -1 (tau >= -1), from tau = -1: if the closed form over the entries kept lies at or below
 // their minimum, it is the root (sum_j p_j = 1 on them, 0 on those dropped, which lie at or below tau).
 // Otherwise tau moves right, staying left of the root, and the entries at or below it are dropped:
-//   sparsemax: to the closed form (Michelot 1986: the unclipped sum is <= the clipped one, so the closed
+//   sparsemax: to the closed form (Michelot 1986, "A finite algorithm for finding the projection of a
+//     point onto the canonical simplex of R^n": the unclipped sum is <= the clipped one, so the closed
 //     form over a superset of the support is left of the root; it drops at least the minimum entry);
 //   1.5-entmax: by Newton's step on f(tau) = sum_j [x_j - tau]_+^2 - 1, convex and decreasing (a tangent
 //     step from the left stays left).
