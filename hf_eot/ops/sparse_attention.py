@@ -554,11 +554,12 @@ class EntmaxAttentionFunction(torch.autograd.Function):
             rows = slice(start, min(start + block, n_queries))
             mask_b, prior_b = _rows(mask, rows), _rows(log_prior, rows)
             logits = _block_logits(query[..., rows, :], key_t, prior_b, cdtype, buffer)  # (B, H, q, K)
-            dead = None
+            dead, row_valid = None, None
             if mask_b is not None:
                 logits.masked_fill_(~mask_b, float("-inf"))
-                dead = _dead_rows(logits, mask_b)
-            row_valid = _row_valid(mask_b, cdtype, dead)
+                allowed = mask_b.any(dim=-1, keepdim=True)
+                dead = _dead_rows(logits, allowed)
+                row_valid = (allowed if dead is None else allowed & ~dead).to(cdtype)
             top, tau = None, None  # tau: the rows' thresholds, if already known
             valid = None if row_valid is None else row_valid.view(-1).bool()
             if native:
@@ -817,12 +818,12 @@ def _rows(tensor: Tensor | None, rows: slice) -> Tensor | None:
     return tensor[..., rows, :]
 
 
-def _dead_rows(logits: Tensor, mask: Tensor) -> Tensor | None:
-    """The rows ``(B, H, q, 1)`` that the mask allows some key but whose allowed logits are all -inf (a
-    log-prior of -inf on each of them): masked rows, as in ``entmax_weights`` (zeros).  ``logits``: the
-    masked keys already at -inf; a NaN row is not dead.  None if there are none (a host synchronisation;
-    under torch.compile the indicator is always returned)."""
-    dead = (logits.amax(dim=-1, keepdim=True) == float("-inf")) & mask.any(dim=-1, keepdim=True)
+def _dead_rows(logits: Tensor, allowed: Tensor) -> Tensor | None:
+    """The rows ``(B, H, q, 1)`` that the mask allows some key (``allowed``: ``mask.any(-1, keepdim=True)``)
+    but whose allowed logits are all -inf (a log-prior of -inf on each of them): masked rows, as in
+    ``entmax_weights`` (zeros).  ``logits``: the masked keys already at -inf; a NaN row is not dead.  None
+    if there are none (a host synchronisation; under torch.compile the indicator is always returned)."""
+    dead = (logits.amax(dim=-1, keepdim=True) == float("-inf")) & allowed
     if torch.compiler.is_compiling() or bool(dead.any()):
         return dead
     return None
