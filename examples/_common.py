@@ -312,8 +312,23 @@ def train(trainer, args):
         trainer._load_from_checkpoint = lambda *args, **kwargs: None
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
     resumed = None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[-1])
-    return output, time.perf_counter() - start, resumed
+    # evaluations during training (--eval-each-epoch) are not training time
+    seconds -= sum(e["runtime"] for e in logged_evaluations(trainer) if e["step"] > (resumed or 0))
+    return output, seconds, resumed
+
+
+def logged_evaluations(trainer) -> list[dict]:
+    """The evaluations Trainer ran while training (``--eval-each-epoch``), from its log history, a resumed
+    run's earlier ones included: ``{"epoch", "step", "loss", "accuracy", "runtime", ...}`` (the metrics
+    without their ``eval_`` prefix)."""
+    return [
+        {"epoch": entry["epoch"], "step": entry["step"]}
+        | {name.removeprefix("eval_"): value for name, value in entry.items() if name.startswith("eval_")}
+        for entry in trainer.state.log_history
+        if "eval_loss" in entry
+    ]
 
 
 def training_arguments(cls, args, output_dir, seed: int, **settings):
@@ -327,6 +342,8 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
     collator gets whole batches, not rows).
     """
     settings = {"remove_unused_columns": False, "logging_steps": 50} | settings
+    if getattr(args, "eval_each_epoch", False):
+        settings |= {"eval_strategy": "epoch"}
     save_steps = getattr(args, "save_steps", 0)
     if save_steps:
         settings |= {"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
@@ -338,13 +355,12 @@ def training_arguments(cls, args, output_dir, seed: int, **settings):
         seed=seed,
         data_seed=seed,
         bf16=args.bf16,
-        eval_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         average_tokens_across_devices=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **({"save_strategy": "no"} | settings),
+        **({"save_strategy": "no", "eval_strategy": "no"} | settings),
     )
     targs.per_device_train_batch_size = max(1, args.batch_size // targs.world_size)
     return targs

@@ -2,12 +2,12 @@
 """ViT against OT-ViT on Fashion-MNIST ("Deciphering Attention Mechanisms: Optimization and Fenchel
 Dual Solutions", Section 9, Table 2).
 
-Both models are the same ViT (patch 4x4, i.e. 49 patch tokens + [CLS], dropout 0.2, lr 3e-4, trained
-from scratch with the same budget, seeds and data order); OT-ViT replaces the attention of its final
-layer with the ``ot`` attention (M(a, b) = -a^T b + C, alpha = 1, gamma = sqrt(hidden)). While
-training OT-ViT, with probability 0.5 an image's template set also holds the templates (keys/values of
-the final layer) of another image of the same class in the batch (``eot_template_partners``); at test
-time only its own.
+Both models are the same ViT (patch 4x4, i.e. 49 patch tokens + [CLS], hidden 128, dropout 0.1, lr
+3e-4, trained from scratch for 12 epochs with the same seeds and data order); OT-ViT replaces the
+attention of its final layer with the ``ot`` attention (M(a, b) = -a^T b + C, alpha = 1, gamma =
+sqrt(hidden)). While training OT-ViT, with probability 0.5 an image's template set also holds the
+templates (keys/values of the final layer) of another image of the same class in the batch
+(``eot_template_partners``); at test time only its own.
 
     python examples/ot_vit.py            # the protocol: all 60,000 / 10,000 images, 3 seeds, 95% CIs
     python examples/ot_vit.py --quick    # a smoke run in seconds
@@ -46,7 +46,7 @@ from hf_eot.model_card import ModelCardCallback, model_card
 
 PAPER = "Deciphering Attention Mechanisms: Optimization and Fenchel Dual Solutions"
 PAPER_TABLE2 = {"vit": 0.928, "ot-vit": 0.937}  # Fashion-MNIST test accuracy, +-0.01
-EPOCHS = 15.0  # 14,070 steps at batch 64; meant to bring the ViT past 0.88 (not yet confirmed by a full run)
+EPOCHS = 12.0  # 11,256 steps at batch 64: ViT at hidden 128 reaches 0.88 on every seed (examples/README.md)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--train-size", type=int, default=0, help="stratified training subset; 0 = all 60,000")
     p.add_argument("--test-size", type=int, default=0, help="stratified test subset; 0 = all 10,000")
-    p.add_argument("--hidden", type=int, default=64, help="hidden size (paper: 512)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (paper: 512)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers (paper: 6)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp-ratio", type=int, default=2, help="intermediate size = ratio * hidden")
     p.add_argument("--patch", type=int, default=4, help="patch size (paper: 4)")
-    p.add_argument("--dropout", type=float, default=0.2, help="hidden dropout (paper: 0.2)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden dropout (paper: 0.2)")
     p.add_argument("--attention-dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=3e-4, help="paper: 3e-4")
     p.add_argument("--epochs", type=float, default=EPOCHS, help="training epochs (default: %(default)s)")
@@ -277,7 +277,13 @@ def deviations(args, n_train: int) -> list[str]:
     if args.patch != 4:
         out.append(f"patch {args.patch}x{args.patch} instead of 4x4")
     if (args.hidden, args.layers) != (512, 6):
-        out.append(f"hidden {args.hidden} and {args.layers} layers instead of 512 and 6 (3.2M parameters)")
+        out.append(
+            f"hidden {args.hidden} and {args.layers} layers ({args.heads} heads, MLP "
+            f"{args.mlp_ratio * args.hidden}) instead of 512 and 6 (the paper states 3.2M parameters, and no "
+            "head count or MLP size)"
+        )
+    if args.dropout != 0.2:
+        out.append(f"dropout {args.dropout:g} instead of 0.2")
     if n_train < 60000:
         out.append(f"{n_train:,} of the 60,000 training images")
     out.append(f"{args.epochs:g} epochs (the paper does not state its budget)")

@@ -7,7 +7,7 @@ For every regularizer spec and seed: load the pretrained BERT encoder with
 gives the mean and the 95% t-interval over seeds, and each regularizer minus softmax paired by seed.
 
     python examples/text_classification.py            # the protocol: all 1,781 / 444 articles, 1 epoch, 3 seeds
-    python examples/text_classification.py --epochs 10  # trained long enough to adapt to the new attention
+    python examples/text_classification.py --epochs 10 --eval-each-epoch  # adapted; tested after each epoch
     python examples/text_classification.py --quick    # a smoke run in seconds
     accelerate launch --multi_gpu --num_processes 2 examples/text_classification.py   # same code, DDP
 
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning rate of learned attention parameters (e.g. entmax alpha; default: --lr); such runs "
         "are labelled '<spec>;attention_lr=<value>'",
     )  # fmt: skip
+    p.add_argument(
+        "--eval-each-epoch",
+        action="store_true",
+        help="also test after every epoch (each run's eval_history; the summary's accuracy_by_epoch)",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CPU autocast)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-model", action="store_true", help="save each fine-tuned model (about 90 MB each)")
@@ -209,6 +214,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
     trainer, card = build_trainer(args, spec, seed, data, names, model_path)
     out = trainer.args.output_dir
     train_out, train_s, resumed = _common.train(trainer, args)
+    history = _common.logged_evaluations(trainer)  # before the final evaluation joins the log
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         card.write(str(out), trainer.args, trainer.state, trainer.model)
@@ -227,8 +233,32 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
         "steps": trainer.state.global_step,
         "world_size": trainer.args.world_size,
         "learned_alpha": learned_alpha(trainer.model),
+        "eval_history": [
+            {"epoch": e["epoch"], "accuracy": e["accuracy"], "loss": e["loss"]} for e in history
+        ],
         "_model": trainer.model,
     }
+
+
+def accuracy_by_epoch(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Test accuracy after each epoch, from the runs that recorded it (``--eval-each-epoch``):
+    ``{regularizer: {epoch: {"mean", "text", "minus_softmax"}}}``, the last one paired by seed."""
+    evaluations = [
+        {"regularizer": r["regularizer"], "seed": r["seed"], "epoch": f"{e['epoch']:g}",
+         "accuracy": e["accuracy"]}
+        for r in runs
+        for e in r.get("eval_history") or []
+    ]
+    out: dict[str, dict[str, dict]] = {}
+    for epoch in dict.fromkeys(e["epoch"] for e in evaluations):
+        at_epoch = [e for e in evaluations if e["epoch"] == epoch]
+        summary = summarize(at_epoch, "regularizer", "accuracy")
+        paired = _common.paired_differences_to(at_epoch, summary, "softmax", group="regularizer")
+        for spec, row in summary.items():
+            out.setdefault(spec, {})[epoch] = {"mean": row["mean"], "text": row["text"]} | (
+                {"minus_softmax": paired[spec]["text"]} if spec in paired else {}
+            )
+    return out
 
 
 def main(argv=None) -> dict:
@@ -275,6 +305,9 @@ def main(argv=None) -> dict:
         "paired_difference_to_softmax": versus_softmax,
         "env": _common.num_threads_note(),
     }
+    by_epoch = accuracy_by_epoch(runs)
+    if by_epoch:
+        result["accuracy_by_epoch"] = by_epoch
     if is_main_process():
         write_json(Path(args.output_dir) / "results.json", result)
         table = {
@@ -318,6 +351,8 @@ def main(argv=None) -> dict:
         for spec, row in summary.items():
             paired = f"; minus softmax, paired by seed: {versus_softmax[spec]['text']}" if spec in versus_softmax else ""
             print(f"{spec:>24}: {row['text']}{paired}")
+        for spec, epochs in by_epoch.items():
+            print(f"{spec:>24}, by epoch: " + "; ".join(f"{e}: {row['mean']:.3f}" for e, row in epochs.items()))
     return result
 
 

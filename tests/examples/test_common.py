@@ -380,3 +380,24 @@ def test_a_run_resumed_mid_way_ends_where_the_uninterrupted_run_ends(tmp_path):
     resumed = _train_vit(tmp_path / "cut", resume=True)
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_training_time_leaves_out_the_evaluations_logged_while_training(tmp_path):
+    """train() subtracts the runtime of evaluations Trainer ran during this training (--eval-each-epoch),
+    and logged_evaluations() returns them with their metrics' names."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(log_history=[{"loss": 1.0, "step": 1, "epoch": 0.5}])
+
+    def train(resume_from_checkpoint=None):
+        evaluation = {"eval_loss": 0.7, "eval_accuracy": 0.8, "eval_runtime": 5.0, "step": 2, "epoch": 1.0}
+        state.log_history.append(evaluation)
+        return "out"
+
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)), state=state, train=train)
+    output, seconds, resumed = _common.train(trainer, argparse.Namespace(resume=False))
+    assert output == "out" and resumed is None
+    assert -5.0 < seconds < -4.0  # the fake trains in no time; its 5 s evaluation was taken off
+    assert _common.logged_evaluations(trainer) == [
+        {"epoch": 1.0, "step": 2, "loss": 0.7, "accuracy": 0.8, "runtime": 5.0}
+    ]

