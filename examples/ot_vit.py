@@ -240,20 +240,25 @@ def save_checkpoint(trainer, folder: Path, variant: str, args, run: dict, data) 
     trainer.save_model(str(folder))
     if trainer.is_world_process_zero():
         (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card has the setup
-        model_card(
-            trainer.model,
-            results={
-                "test accuracy": run["accuracy"],
-                "test images": len(data["test"]),
-                "paper Table 2 (full protocol)": PAPER_TABLE2[variant],
-            },
-            datasets=["zalando-datasets/fashion_mnist"],
-            metrics=["accuracy"],
-            training=_training_table(args, len(data["train"])) | {"seed": run["seed"], "steps": run["steps"]},
-            path=folder,
-            title=f"{'OT-ViT' if variant == 'ot-vit' else 'ViT'} (tiny) trained on Fashion-MNIST with hf_eot",
-            description=_description(variant, args, len(data["train"])),
-        )
+        checkpoint_card(trainer.model, folder, variant, args, run, len(data["train"]), len(data["test"]))
+
+
+def checkpoint_card(model, folder: Path, variant: str, args, run: dict, n_train: int, n_test: int) -> None:
+    """The model card (``folder/README.md``) of a saved run: its setup, test accuracy and deviations."""
+    model_card(
+        model,
+        results={
+            "test accuracy": run["accuracy"],
+            "test images": n_test,
+            "paper Table 2 (full protocol)": PAPER_TABLE2[variant],
+        },
+        datasets=["zalando-datasets/fashion_mnist"],
+        metrics=["accuracy"],
+        training=_training_table(args, n_train) | {"seed": run["seed"], "steps": run["steps"]},
+        path=folder,
+        title=f"{'OT-ViT' if variant == 'ot-vit' else 'ViT'} (tiny) trained on Fashion-MNIST with hf_eot",
+        description=_description(variant, args, n_train),
+    )
 
 
 def _training_table(args, n_train: int) -> dict:
