@@ -383,7 +383,7 @@ def main(argv=None) -> dict:
                 | {"seeds": sorted({r["seed"] for r in runs})},
                 path=target,
                 title="ViT vs OT-ViT on Fashion-MNIST (Table 2 of the OT-attention paper, CPU scale)",
-                model_id=str(Path(args.save_dir) / "ot-vit-fashion-mnist") if args.save_dir else None,
+                model_id=str(Path(args.save_dir or "<save-dir>") / "ot-vit-fashion-mnist"),  # saved with --save-dir
                 description=_description("ot-vit", args, len(data["train"])),
             )
         for name, row in summary.items():
