@@ -167,8 +167,18 @@ def paired_differences_to(
     }  # fmt: skip
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), or the platform's guess: run times only compare on one CPU."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
+
+
 def num_threads_note() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}"
 
 
 def add_resume_arguments(parser, pair: str) -> None:

@@ -226,6 +226,7 @@ def run_one(args, variant: str, seed: int, data) -> dict:
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "cpu": _common.cpu_name(),  # train_seconds compare on one CPU only
         "resumed_from_step": resumed,
         "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),

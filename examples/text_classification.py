@@ -227,6 +227,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         "train_seconds": train_s,
+        "cpu": _common.cpu_name(),  # train_seconds compare on one CPU only
         "resumed_from_step": resumed,
         "steps_per_second": trainer.state.global_step / train_s,
         "attn_implementation": _common.attn_implementation(),
@@ -318,6 +319,10 @@ def main(argv=None) -> dict:
             }
             for spec, row in summary.items()
         }
+        for spec, epochs in by_epoch.items():  # --eval-each-epoch: how each gap moved while the model adapted
+            for epoch, row in epochs.items():
+                paired = f"; minus softmax: {row['minus_softmax']}" if "minus_softmax" in row else ""
+                table[spec][f"after epoch {epoch}"] = row["text"] + paired
         card_dirs = [Path(args.output_dir)] + ([Path(args.model_cards_dir)] if args.model_cards_dir else [])
         any_model = next(iter(last_models.values()), None)
         if any_model is None:  # everything resumed: the untrained model of the last spec shows its config

