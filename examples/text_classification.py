@@ -7,7 +7,7 @@ For every regularizer spec and seed: load the pretrained BERT encoder with
 gives the mean and the 95% t-interval over seeds, and each regularizer minus softmax paired by seed.
 
     python examples/text_classification.py            # the protocol: all 1,781 / 444 articles, 1 epoch, 3 seeds
-    python examples/text_classification.py --epochs 10 --eval-each-epoch  # adapted; tested after each epoch
+    python examples/text_classification.py --epochs 3 --eval-each-epoch   # adapted; tested after each epoch
     python examples/text_classification.py --quick    # a smoke run in seconds
     accelerate launch --multi_gpu --num_processes 2 examples/text_classification.py   # same code, DDP
 
