@@ -351,7 +351,8 @@ def main(argv=None) -> dict:
                     Path(args.output_dir) / "<regularizer>" / "seed<seed>"
                 ),  # saved there with --save-model
                 description="Accuracy on the held-out 20% of BBC News (or the stratified subset set by --eval-size) over seeds; the attention table shows the "
-                "configuration of the last run only (each row of the results is a separate model).",
+                "configuration of the last run only (each row of the results is a separate model). A run's model is in the folder "
+                "below only if the run was made with --save-model.",
             )
         for spec, row in summary.items():
             paired = f"; minus softmax, paired by seed: {versus_softmax[spec]['text']}" if spec in versus_softmax else ""

