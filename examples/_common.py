@@ -329,6 +329,20 @@ def train(trainer, args):
     return output, seconds, resumed
 
 
+def training_record(trainer, train_output, train_seconds: float, resumed: int | None) -> dict:
+    """The fields every example's per-run record shares: how training went and what it cost, from
+    :func:`train`'s ``(TrainOutput, seconds, resumed step)``."""
+    return {
+        "train_loss": train_output.training_loss,
+        "train_seconds": train_seconds,
+        "cpu": cpu_name(),  # train_seconds compare on one CPU only
+        "resumed_from_step": resumed,
+        "steps_per_second": trainer.state.global_step / train_seconds,
+        "attn_implementation": attn_implementation(),
+        "steps": trainer.state.global_step,
+    }
+
+
 def logged_evaluations(trainer) -> list[dict]:
     """The evaluations Trainer ran while training (``--eval-each-epoch``), from its log history, a resumed
     run's earlier ones included: ``{"epoch", "step", "loss", "accuracy", "runtime", ...}`` (the metrics

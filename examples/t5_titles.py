@@ -349,14 +349,8 @@ def run_one(args, variant: str, seed: int, data, tokenizer) -> dict:
         "chrf": metrics["eval_chrf"],
         "bleu": metrics["eval_bleu"],
         "eval_loss": metrics["eval_loss"],
-        "train_loss": train_out.training_loss,
-        "train_seconds": train_s,
-        "cpu": _common.cpu_name(),  # train_seconds compare on one CPU only
-        "resumed_from_step": resumed,
-        "steps_per_second": trainer.state.global_step / train_s,
-        "attn_implementation": _common.attn_implementation(),
+        **_common.training_record(trainer, train_out, train_s, resumed),
         "generate_seconds": eval_s,
-        "steps": trainer.state.global_step,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "_trainer": trainer,
     }

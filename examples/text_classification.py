@@ -225,13 +225,7 @@ def run_one(args, spec: str, seed: int, data, names: list[str], model_path: str)
         "seed": seed,
         "accuracy": metrics["eval_accuracy"],
         "eval_loss": metrics["eval_loss"],
-        "train_loss": train_out.training_loss,
-        "train_seconds": train_s,
-        "cpu": _common.cpu_name(),  # train_seconds compare on one CPU only
-        "resumed_from_step": resumed,
-        "steps_per_second": trainer.state.global_step / train_s,
-        "attn_implementation": _common.attn_implementation(),
-        "steps": trainer.state.global_step,
+        **_common.training_record(trainer, train_out, train_s, resumed),
         "world_size": trainer.args.world_size,
         "learned_alpha": learned_alpha(trainer.model),
         "eval_history": [
